@@ -1,0 +1,726 @@
+"""Tests for scomoe.py: every distributed path against a single-process reference.
+
+Multi-process tests run on a pool of 4 gloo CPU processes that stays up for the
+whole session (spawning is the slow part); each test builds the topology it
+needs: 2 emulated nodes x 2 ranks (ranks_per_node=2) or 1 node x 4. Ranks hold
+different token counts. The references are written independently of the
+library's dispatch: GShard's Algorithm 2 token by token, and every expert
+applied to every token it serves. Comparisons are in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import socket
+import traceback
+from datetime import timedelta
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.testing import assert_close
+
+import scomoe as S
+
+WORLD = 4
+AUX_WEIGHT = 0.1  # weight of the auxiliary loss in the test loss, so its gradient is checked too
+COUNTS = [9, 6, 11, 8]  # tokens per rank: different on every rank
+
+# ----------------------------------------------------------------------------
+# A pool of gloo processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(rank: int, world: int, port: int, inbox, outbox) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    while (job := inbox.get()) is not None:
+        fn, args = job
+        try:  # pickle here, so that a result that cannot cross processes is reported, not lost
+            outbox.put((rank, True, pickle.dumps(fn(*args))))
+        except BaseException:
+            outbox.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class Workers:
+    """`world` gloo processes that run module-level functions of this file on request."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.procs = []
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self.inboxes = [ctx.Queue() for _ in range(self.world)]
+        self.outbox = ctx.Queue()
+        self.procs = [ctx.Process(target=_worker_main, args=(r, self.world, port, self.inboxes[r], self.outbox),
+                                  daemon=True) for r in range(self.world)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, *args, timeout: float = 120.0) -> list:
+        """fn(*args) on every rank; the per-rank results, or an AssertionError with every rank's traceback."""
+        if not self.procs:
+            self._start()
+        for inbox in self.inboxes:
+            inbox.put((fn, args))
+        results, errors = {}, {}
+        try:
+            while len(results) + len(errors) < self.world:
+                rank, ok, value = self.outbox.get(timeout=timeout)
+                if ok:
+                    results[rank] = pickle.loads(value)
+                else:
+                    errors[rank] = value
+        except Exception:  # a rank hung or died: start afresh for the next test
+            self.close()
+            raise AssertionError(f"workers did not answer within {timeout} s; errors so far: {errors}")
+        if errors:
+            self.close()  # ranks may be left inside a collective
+            raise AssertionError("\n".join(f"--- rank {r}\n{tb}" for r, tb in sorted(errors.items())))
+        return [results[r] for r in range(self.world)]
+
+    def close(self) -> None:
+        for inbox, p in zip(getattr(self, "inboxes", []), self.procs):
+            if p.is_alive():
+                inbox.put(None)
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        self.procs = []
+
+
+@pytest.fixture(scope="session")
+def workers():
+    pool = Workers(WORLD)
+    yield pool
+    pool.close()
+
+
+# ----------------------------------------------------------------------------
+# Test data and the single-process reference
+
+
+class Case(NamedTuple):
+    xs: list  # per rank (t_r, d) inputs
+    pads: list  # per rank (t_r,) padding masks
+    cots: list  # per rank (t_r, d) cotangents of the outputs
+    router: torch.Tensor  # (E, d)
+    experts: dict  # tier or "all" -> {"w1": (E, d_slice, f), "b1": (E, 1, f), "w2": (E, f, d_slice), "b2": (E, 1, d_slice)}
+
+
+def make_case(seed: int, counts: list[int], cfg: S.MoEConfig, widths: dict[str, int] | None = None,
+              pad_every: int = 4) -> Case:
+    """Random float64 data for every rank (the same on every rank), with every pad_every-th token padding."""
+    g = torch.Generator().manual_seed(seed)
+    d, E, f = cfg.d_model, cfg.num_experts, cfg.d_ffn
+    xs = [torch.randn(t, d, generator=g, dtype=torch.float64) for t in counts]
+    pads = [torch.arange(t) % pad_every == pad_every - 1 for t in counts]
+    cots = [torch.randn(t, d, generator=g, dtype=torch.float64) for t in counts]
+    router = torch.randn(E, d, generator=g, dtype=torch.float64)
+    widths = widths or {"all": d}
+    experts = {
+        name: {
+            "w1": torch.randn(E, w, f, generator=g, dtype=torch.float64) / math.sqrt(w),
+            "b1": torch.randn(E, 1, f, generator=g, dtype=torch.float64) * 0.1,
+            "w2": torch.randn(E, f, w, generator=g, dtype=torch.float64) / math.sqrt(f),
+            "b2": torch.randn(E, 1, w, generator=g, dtype=torch.float64) * 0.1,
+        }
+        for name, w in widths.items()
+    }
+    return Case(xs, pads, cots, router, experts)
+
+
+def load_layer(layer: torch.nn.Module, case: Case, rank: int, n: int) -> None:
+    """Copy the router and this rank's n experts (global ids rank*n ..) from the case into the layer."""
+    with torch.no_grad():
+        layer.router.weight.copy_(case.router)
+        modules = layer.experts.items() if isinstance(layer.experts, torch.nn.ModuleDict) else [("all", layer.experts)]
+        for name, experts in modules:
+            for p in ("w1", "b1", "w2", "b2"):
+                getattr(experts, p).copy_(case.experts[name][p][rank * n:(rank + 1) * n])
+
+
+def naive_top2(logits: torch.Tensor, capacity: int, pad: torch.Tensor, normalize_before_drop: bool = False):
+    """GShard Algorithm 2, written token by token: (experts, kept, weights, aux) per token.
+
+    Every token's first choice is served before any second choice, in token
+    order, while the expert has room; weights are the kept gate values scaled
+    to sum 1 (or scaled before dropping when normalize_before_drop).
+    """
+    t, e = logits.shape
+    k = min(2, e)
+    gates = logits.softmax(dim=-1)
+    picks = [sorted(range(e), key=lambda j: (-gates[i, j].item(), j))[:k] for i in range(t)]
+    fill, kept = [0] * e, [[False] * k for _ in range(t)]
+    for choice in range(k):
+        for i in range(t):
+            if not pad[i] and fill[picks[i][choice]] < capacity:
+                kept[i][choice] = True
+                fill[picks[i][choice]] += 1
+    weights = []
+    for i in range(t):
+        g = [gates[i, j] for j in picks[i]]
+        if normalize_before_drop:
+            total = sum(g)
+            weights.append([g[c] / total if kept[i][c] else None for c in range(k)])
+        else:
+            total = sum(g[c] for c in range(k) if kept[i][c])
+            weights.append([g[c] / total if kept[i][c] else None for c in range(k)])
+    real = [i for i in range(t) if not pad[i]]
+    if real:
+        mean_gate = torch.stack([gates[i] for i in real]).mean(dim=0)
+        first_share = torch.tensor([sum(picks[i][0] == j for i in real) / len(real) for j in range(e)],
+                                   dtype=gates.dtype)
+        aux = e * (mean_gate * first_share).sum()
+    else:
+        aux = gates.new_zeros(())
+    return picks, kept, weights, aux
+
+
+def ffn(p: dict, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert `expert` of parameter set p on one token x: relu(x W1 + b1) W2 + b2."""
+    return torch.relu(x @ p["w1"][expert] + p["b1"][expert, 0]) @ p["w2"][expert] + p["b2"][expert, 0]
+
+
+def naive_moe(x, logits, pad, capacity, p, first_expert, normalize_before_drop=False):
+    """Each token's output is the weighted sum of the experts that kept it: (t, d), aux."""
+    picks, kept, weights, aux = naive_top2(logits, capacity, pad, normalize_before_drop)
+    rows = []
+    for i in range(x.shape[0]):
+        y = x.new_zeros(p["w2"].shape[-1])
+        for c, expert in enumerate(picks[i]):
+            if kept[i][c]:
+                y = y + weights[i][c] * ffn(p, first_expert + expert, x[i])
+        rows.append(y)
+    return (torch.stack(rows) if rows else x.new_zeros(0, p["w2"].shape[-1])), aux
+
+
+class Reference(NamedTuple):
+    ys: list  # per rank outputs
+    auxes: list  # per rank auxiliary losses
+    x_grads: list
+    router_grad: torch.Tensor
+    expert_grads: dict  # like Case.experts
+
+
+def run_reference(kind: str, case: Case, cfg: S.MoEConfig, world: int, ranks_per_node: int) -> Reference:
+    """Emulate every rank of a `kind` layer in one process, with all experts held here."""
+    G, N = ranks_per_node, world // ranks_per_node
+    E = cfg.num_experts
+    n = E // world
+    counts = [x.shape[0] for x in case.xs]
+    xs = [x.clone().requires_grad_() for x in case.xs]
+    router = case.router.clone().requires_grad_()
+    experts = {name: {k: v.clone().requires_grad_() for k, v in p.items()} for name, p in case.experts.items()}
+    cf = cfg.capacity_factor
+    ys, auxes = [], []
+    for r in range(world):
+        x, pad = xs[r], case.pads[r]
+        logits = x @ router.t()  # (t, E)
+        node_ranks = range((r // G) * G, (r // G + 1) * G)
+        ranges = {"local": (r * n, (r + 1) * n), "node": ((r // G) * G * n, (r // G + 1) * G * n),
+                  "global": (0, E)}
+        if kind == "gshard":
+            cap = S.expert_capacity(max(counts), E, 2, cf)
+            y, aux = naive_moe(x, logits, pad, cap, experts["all"], 0, cfg.normalize_before_drop)
+        elif kind == "seq":
+            split = [S.three_way_split(t, cfg.ratio1, cfg.ratio2, N) for t in counts]
+            groups = {"local": [r], "node": node_ranks, "global": range(world)}
+            s = logits.detach().view(-1, N, G, n)
+            inf = float("inf")
+            local_key = [inf if pad[i] else -s[i, r // G, r % G].mean().item() for i in range(x.shape[0])]
+            node_key = [inf if pad[i] else -s[i, r // G].mean().item() for i in range(x.shape[0])]
+            by_local = sorted(range(x.shape[0]), key=lambda i: (local_key[i], i))
+            local, rest = by_local[:split[r][0]], by_local[split[r][0]:]
+            by_node = sorted(rest, key=lambda i: (node_key[i], i))
+            members = {"local": sorted(local), "node": sorted(by_node[:split[r][1]]),
+                       "global": sorted(by_node[split[r][1]:])}
+            y = x.new_zeros(x.shape)
+            tier_aux = []
+            for i, tier in enumerate(S.TIERS):
+                idx = members[tier]
+                if not idx:
+                    continue
+                first, last = ranges[tier]
+                cap = S.expert_capacity(max(split[q][i] for q in groups[tier]), last - first, min(2, last - first), cf)
+                y_tier, aux = naive_moe(x[idx], logits[idx, first:last], pad[idx], cap, experts["all"], first,
+                                        cfg.normalize_before_drop)
+                y = y.index_add(0, torch.tensor(idx), y_tier)
+                tier_aux.append(aux)
+            aux = torch.stack(tier_aux).mean()
+        elif kind == "feat":
+            widths = S.three_way_split(cfg.d_model, cfg.ratio1, cfg.ratio2, N)
+            groups = {"local": [r], "node": node_ranks, "global": range(world)}
+            outs, tier_aux, start = [], [], 0
+            for tier, w in zip(S.TIERS, widths):
+                if w == 0:
+                    continue
+                first, last = ranges[tier]
+                cap = S.expert_capacity(max(counts[q] for q in groups[tier]), last - first, min(2, last - first), cf)
+                y_tier, aux = naive_moe(x[:, start:start + w], logits[:, first:last], pad, cap, experts[tier], first,
+                                        cfg.normalize_before_drop)
+                outs.append(y_tier)
+                tier_aux.append(aux)
+                start += w
+            y, aux = torch.cat(outs, dim=-1), torch.stack(tier_aux).mean()
+        ys.append(y)
+        auxes.append(aux)
+    loss = sum((y * cot).sum() + AUX_WEIGHT * aux for y, cot, aux in zip(ys, case.cots, auxes))
+    loss.backward()
+    return Reference([y.detach() for y in ys], [a.detach() for a in auxes], [x.grad for x in xs], router.grad,
+                     {name: {k: v.grad for k, v in p.items()} for name, p in experts.items()})
+
+
+LAYERS = {"gshard": S.GShardMoE, "seq": S.SCoMoESeq, "feat": S.SCoMoEFeat}
+
+
+def run_layer(kind: str, layer: torch.nn.Module, case: Case, rank: int):
+    """Forward and backward of this rank's part; returns (output, x.grad, router grad summed over ranks)."""
+    x = case.xs[rank].clone().requires_grad_()
+    out = layer(x, case.pads[rank])
+    ((out.y * case.cots[rank]).sum() + AUX_WEIGHT * out.aux_loss).backward()
+    router_grad = layer.router.weight.grad.clone()
+    if dist.is_initialized():
+        dist.all_reduce(router_grad)  # the router is replicated: its gradient is the sum over ranks
+    return out, x.grad, router_grad
+
+
+def build(kind: str, cfg: S.MoEConfig, topo: S.Topology, case: Case) -> torch.nn.Module:
+    layer = LAYERS[kind](cfg, topo).double()
+    load_layer(layer, case, topo.rank, cfg.num_experts // topo.world_size)
+    return layer
+
+
+def widths_of(kind: str, cfg: S.MoEConfig, num_nodes: int) -> dict[str, int] | None:
+    if kind != "feat":
+        return None
+    return {t: w for t, w in zip(S.TIERS, S.three_way_split(cfg.d_model, cfg.ratio1, cfg.ratio2, num_nodes)) if w}
+
+
+def check_against_reference(kind: str, ranks_per_node: int, cfg_args: dict, counts: list[int], seed: int):
+    """Run on this rank, run the reference, compare outputs, aux and every gradient. Returns the ledger bytes."""
+    topo = S.build_topology(ranks_per_node)
+    cfg = S.MoEConfig(**cfg_args)
+    case = make_case(seed, counts, cfg, widths_of(kind, cfg, topo.num_nodes))
+    layer = build(kind, cfg, topo, case)
+    out, x_grad, router_grad = run_layer(kind, layer, case, topo.rank)
+    ref = run_reference(kind, case, cfg, topo.world_size, ranks_per_node)
+    r, n = topo.rank, cfg.num_experts // topo.world_size
+    assert_close(out.y, ref.ys[r])
+    assert_close(out.aux_loss.to(torch.float64), ref.auxes[r])
+    assert_close(x_grad, ref.x_grads[r])
+    assert_close(router_grad, ref.router_grad)
+    modules = layer.experts.items() if isinstance(layer.experts, torch.nn.ModuleDict) else [("all", layer.experts)]
+    for name, experts in modules:
+        for p in ("w1", "b1", "w2", "b2"):
+            assert_close(getattr(experts, p).grad, ref.expert_grads[name][p][r * n:(r + 1) * n], msg=f"{name}.{p}")
+    dropped = {tier: float(tr.routing.dropped) for tier, tr in out.tiers.items()}
+    return dict(layer.ledger.bytes), dropped
+
+
+# ----------------------------------------------------------------------------
+# 1. Topology and groups
+
+
+def _topology_facts(ranks_per_node: int):
+    topo = S.build_topology(ranks_per_node)
+    # the node group really is the node: a sum over it adds exactly the node's ranks
+    total = torch.tensor([float(topo.rank)])
+    if topo.node.group is not None:
+        dist.all_reduce(total, group=topo.node.group)
+    return topo.rank, topo.node_rank, topo.local_rank, topo.num_nodes, topo.node.ranks, topo.world.ranks, \
+        topo.node.links, float(total), topo.gather_counts(10 + topo.rank)
+
+
+@pytest.mark.parametrize("ranks_per_node", [1, 2, 4])
+def test_topology_groups_hold_the_right_ranks(workers, ranks_per_node):
+    """Rank r sits on node r // G at slot r % G; its node group holds exactly the G ranks of its node
+    (an all-reduce over it sums only those), the world group all W, and links are classified by node."""
+    G = ranks_per_node
+    for r, (rank, node, local, N, node_ranks, world_ranks, links, total, counts) in enumerate(
+            workers.run(_topology_facts, G)):
+        assert (rank, node, local, N) == (r, r // G, r % G, WORLD // G)
+        assert node_ranks == tuple(range(node * G, node * G + G))
+        assert world_ranks == tuple(range(WORLD))
+        assert links == tuple("intra_device" if q == r else "intra_node" for q in node_ranks)
+        assert total == sum(node_ranks)
+        assert counts == [10 + q for q in range(WORLD)]
+
+
+def test_topology_without_distributed_is_a_world_of_one():
+    """Without torch.distributed initialised, the topology is one rank on one node and every group is it."""
+    topo = S.build_topology()
+    assert (topo.rank, topo.world_size, topo.num_nodes, topo.ranks_per_node) == (0, 1, 1, 1)
+    assert topo.local.ranks == topo.node.ranks == topo.world.ranks == (0,)
+    assert topo.gather_counts(7) == [7]
+    assert S.link_class(0, 1, 2) == "intra_node" and S.link_class(1, 2, 2) == "inter_node"
+
+
+def _topology_error(ranks_per_node):
+    with pytest.raises(ValueError, match=f"ranks_per_node={ranks_per_node}"):
+        S.build_topology(ranks_per_node)
+
+
+@pytest.mark.parametrize("ranks_per_node", [3, 0])
+def test_topology_errors(workers, ranks_per_node):
+    """A world size not divisible by ranks_per_node, or a non-positive one, is a ValueError raised
+    before any group is created (every rank raises, none hangs)."""
+    workers.run(_topology_error, ranks_per_node)
+
+
+# ----------------------------------------------------------------------------
+# 2. All-to-all
+
+
+def _all_to_all_vs_torch(ranks_per_node: int, variable: bool):
+    from torch.distributed.nn.functional import all_to_all_single as reference_a2a
+
+    topo = S.build_topology(ranks_per_node)
+    W, r = topo.world_size, topo.rank
+    # rank r sends (2r + j) % 3 + 1 rows of width 5 to rank j (variable, not symmetric), or 2 rows (even)
+    send = [((2 * r + j) % 3 + 1) if variable else 2 for j in range(W)]
+    recv = [((2 * j + r) % 3 + 1) if variable else 2 for j in range(W)]
+    assert not variable or send != recv
+    g = torch.Generator().manual_seed(r)
+    x = torch.randn(sum(send), 5, generator=g, dtype=torch.float64)
+    cot = torch.randn(sum(recv), 5, generator=g, dtype=torch.float64)
+    ledger = S.CommLedger()
+    x1 = x.clone().requires_grad_()
+    y1 = S.all_to_all(x1, topo.world, send if variable else None, recv if variable else None, ledger=ledger, tag="t")
+    (y1 * cot).sum().backward()
+    x2 = x.clone().requires_grad_()
+    y2 = reference_a2a(torch.empty(sum(recv), 5, dtype=torch.float64), x2, recv if variable else None,
+                       send if variable else None)
+    (y2 * cot).sum().backward()
+    assert_close(y1, y2, rtol=0, atol=0)
+    assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+    # the ledger holds the bytes handed to each link class: forward by send splits, backward by recv splits
+    for direction, splits in (("forward", send), ("backward", recv)):
+        for link in S.LINK_CLASSES:
+            expect = sum(s * 5 * 8 for j, s in enumerate(splits) if topo.link(j) == link)
+            assert ledger.total(link=link, direction=direction, tag="t") == expect
+    assert ledger.calls == {("t", "forward"): 1, ("t", "backward"): 1}
+    ledger.reset()
+    assert ledger.total() == 0 and not ledger.calls
+
+
+@pytest.mark.parametrize("variable", [False, True])
+def test_all_to_all_matches_torch(workers, variable):
+    """The all-to-all Function's forward and backward equal torch.distributed.nn's all_to_all_single
+    bit for bit, with even and variable splits, and the ledger counts each destination's bytes by link."""
+    workers.run(_all_to_all_vs_torch, 2, variable)
+
+
+def test_all_to_all_single_rank_returns_input():
+    """On a group of one rank the all-to-all is the identity (the same tensor) and records nothing."""
+    topo = S.build_topology()
+    x = torch.randn(4, 3)
+    ledger = S.CommLedger()
+    assert S.all_to_all(x, topo.world, ledger=ledger) is x
+    assert ledger.total() == 0
+
+
+# ----------------------------------------------------------------------------
+# 3. Gating
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3, 100])
+@pytest.mark.parametrize("normalize_before_drop", [False, True])
+@pytest.mark.parametrize("experts", [1, 2, 5])
+def test_top2_gating_is_gshard_algorithm_2(capacity, normalize_before_drop, experts):
+    """top2_gating takes the same experts, slots, kept set, weights and aux loss as GShard's Algorithm 2
+    run token by token: first choices before second choices, padding takes no slot."""
+    torch.manual_seed(capacity + 10 * experts)
+    t = 13
+    logits = torch.randn(t, experts, dtype=torch.float64)
+    pad = torch.rand(t) < 0.25
+    routing = S.top2_gating(logits, capacity, pad, normalize_before_drop=normalize_before_drop)
+    picks, kept, weights, aux = naive_top2(logits, capacity, pad, normalize_before_drop)
+    assert routing.expert.tolist() == picks
+    assert routing.kept.tolist() == kept
+    for i in range(t):
+        for c in range(min(2, experts)):
+            expect = weights[i][c] if kept[i][c] else 0.0
+            assert_close(routing.weight[i, c], torch.as_tensor(expect, dtype=torch.float64))
+    assert_close(routing.aux_loss, aux)
+    # slots: each expert's kept tokens occupy 0 .. load-1, once each
+    for e in range(experts):
+        slots = sorted(routing.slot[routing.kept & (routing.expert == e)].tolist())
+        assert slots == list(range(len(slots))) and len(slots) <= capacity
+        assert routing.load[e] == len(slots)
+    assigned = sum(1 for i in range(t) if not pad[i]) * min(2, experts)
+    assert_close(routing.dropped, torch.tensor(1 - routing.kept.sum().item() / assigned, dtype=routing.dropped.dtype))
+
+
+def test_top2_gating_balanced_aux_is_one_and_sampling_differs():
+    """The auxiliary loss is 1 when the gates and the first choices are uniform; "sampling" draws
+    the second expert at random (not always the argmax) and never repeats the first."""
+    logits = torch.zeros(8, 4)
+    logits[torch.arange(8), torch.arange(8) % 4] = 1e-6  # first choices spread evenly
+    assert_close(S.top2_gating(logits, 100).aux_loss, torch.tensor(1.0), atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    logits = torch.randn(400, 6)
+    det = S.top2_gating(logits, 1000)
+    gen = torch.Generator().manual_seed(1)
+    sam = S.top2_gating(logits, 1000, second_expert="sampling", generator=gen)
+    assert torch.equal(det.expert[:, 0], sam.expert[:, 0])
+    assert (sam.expert[:, 1] != det.expert[:, 1]).any()
+    assert (sam.expert[:, 1] != sam.expert[:, 0]).all()
+
+
+def test_dispatch_and_combine_by_index():
+    """dispatch puts each kept token at (expert, slot) of the buffer; combine returns sum_i w_i * buffer
+    rows, and with an identity expert it returns the input scaled by the kept weight (dropped -> 0)."""
+    torch.manual_seed(3)
+    t, e, d = 10, 3, 4
+    x = torch.randn(t, d, dtype=torch.float64)
+    routing = S.top2_gating(torch.randn(t, e, dtype=torch.float64), 3)
+    buf = S.dispatch(x, routing, e)
+    assert buf.shape == (e, 3, d)
+    for i in range(t):
+        for c in range(2):
+            if routing.kept[i, c]:
+                assert torch.equal(buf[routing.expert[i, c], routing.slot[i, c]], x[i])
+    y = S.combine(buf, routing)
+    assert_close(y, x * routing.weight.sum(dim=1, keepdim=True))
+
+
+def test_capacity_formula_and_three_way_split():
+    """C = ceil(cf * k * t / e) without float noise; the split gives int(ratio * total) to local and node
+    and the rest to global, with node taking the rest on one node or when the ratios sum to 1."""
+    assert S.expert_capacity(10, 4, 2, 1.0) == 5
+    assert S.expert_capacity(100, 4, 2, 1.1) == 55  # 1.1 * 200 / 4 = 55.00000000000001 in floats
+    assert S.expert_capacity(7, 4, 2, 1.25) == 5
+    assert S.three_way_split(100, 0.29, 0.5, 2) == (29, 50, 21)  # 0.29 * 100 = 28.999999999999996
+    assert S.three_way_split(10, 0.2, 0.5, 2) == (2, 5, 3)
+    assert S.three_way_split(10, 0.2, 0.5, 1) == (2, 8, 0)
+    assert S.three_way_split(10, 0.25, 0.75, 2) == (2, 8, 0)
+    assert S.three_way_split(9, 0.0, 0.0, 2) == (0, 0, 9)
+
+
+def test_gating_with_no_tokens():
+    """A gate over zero tokens returns empty routing, zero aux loss and an empty output."""
+    routing = S.top2_gating(torch.zeros(0, 4), 3)
+    assert routing.expert.shape == (0, 2) and float(routing.aux_loss) == 0.0
+    assert S.combine(S.dispatch(torch.zeros(0, 5), routing, 4), routing).shape == (0, 5)
+
+
+# ----------------------------------------------------------------------------
+# 4-6. The layers against the single-process reference
+
+GSHARD = dict(d_model=6, d_ffn=10, num_experts=8)
+
+
+@pytest.mark.parametrize("ranks_per_node", [2, 4])
+@pytest.mark.parametrize("capacity_factor", [0.5, 8.0])
+def test_gshard_matches_reference(workers, ranks_per_node, capacity_factor):
+    """GShard expert-parallel on 4 ranks (2 experts each) equals a single process holding all 8 experts
+    that gates every rank's tokens alike: outputs, aux loss, and gradients of the inputs, the router
+    and every expert weight; with capacity binding (tokens dropped) and not binding."""
+    cfg = dict(GSHARD, capacity_factor=capacity_factor)
+    results = workers.run(check_against_reference, "gshard", ranks_per_node, cfg, COUNTS, 1)
+    dropped = [d["global"] for _, d in results]
+    assert (max(dropped) > 0) == (capacity_factor < 1)  # the two cases really differ
+
+
+@pytest.mark.parametrize("ranks_per_node", [2, 4])
+@pytest.mark.parametrize("ratios", [(0.2, 0.5), (0.5, 0.3), (0.0, 0.6), (0.4, 0.0)])
+@pytest.mark.parametrize("experts_per_rank", [1, 2])
+def test_seq_matches_reference(workers, ranks_per_node, ratios, experts_per_rank):
+    """SCoMoE-Seq equals a single process that emulates every rank: the local/node/global selection
+    by mean scores, top-2 within each tier's experts, capacities from each group's largest tier,
+    outputs and every gradient (with padding, capacity binding in some tiers)."""
+    cfg = dict(d_model=6, d_ffn=10, num_experts=WORLD * experts_per_rank, ratio1=ratios[0], ratio2=ratios[1],
+               capacity_factor=1.0)
+    workers.run(check_against_reference, "seq", ranks_per_node, cfg, COUNTS, 2)
+
+
+def _seq_vs_gshard(ranks_per_node: int, capacity_factor: float):
+    topo = S.build_topology(ranks_per_node)
+    cfg_g = S.MoEConfig(**GSHARD, capacity_factor=capacity_factor)
+    cfg_s = S.MoEConfig(**GSHARD, capacity_factor=capacity_factor, ratio1=0.0, ratio2=0.0)
+    case = make_case(4, COUNTS, cfg_g)
+    out_g, xg_g, rg_g = run_layer("gshard", build("gshard", cfg_g, topo, case), case, topo.rank)
+    seq = build("seq", cfg_s, topo, case)
+    out_s, xg_s, rg_s = run_layer("seq", seq, case, topo.rank)
+    assert_close(out_s.y, out_g.y, rtol=0, atol=0)
+    assert_close(out_s.aux_loss, out_g.aux_loss, rtol=0, atol=0)
+    assert_close(xg_s, xg_g, rtol=0, atol=0)
+    assert_close(rg_s, rg_g, rtol=0, atol=0)
+    assert set(out_s.tiers) == {"global"}
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 2.0])
+def test_seq_with_zero_ratios_is_gshard(workers, capacity_factor):
+    """On 2 nodes, SCoMoE-Seq with alpha = beta = 0 sends every token to the global tier and equals
+    GShard exactly (bit for bit), capacity binding or not."""
+    workers.run(_seq_vs_gshard, 2, capacity_factor)
+
+
+def _seq_all_local(ranks_per_node: int):
+    topo = S.build_topology(ranks_per_node)
+    cfg = S.MoEConfig(**GSHARD, ratio1=1.0, ratio2=0.0)
+    case = make_case(5, COUNTS, cfg)
+    layer = build("seq", cfg, topo, case)
+    calls = []
+    originals = {name: getattr(dist, name) for name in ("all_to_all_single", "all_gather", "all_reduce")}
+    for name, fn in originals.items():
+        setattr(dist, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    try:
+        x = case.xs[topo.rank].clone().requires_grad_()
+        out = layer(x, case.pads[topo.rank])
+        (out.y * case.cots[topo.rank]).sum().backward()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    assert calls == [] and layer.ledger.total() == 0 and not layer.ledger.calls
+    assert set(out.tiers) == {"local"}
+
+
+@pytest.mark.parametrize("ranks_per_node", [2, 4])
+def test_seq_all_local_runs_no_collective(workers, ranks_per_node):
+    """SCoMoE-Seq with alpha = 1 keeps every token on its rank: no collective runs at all, forward
+    or backward, and the ledger shows zero bytes."""
+    workers.run(_seq_all_local, ranks_per_node)
+
+
+@pytest.mark.parametrize("ranks_per_node", [2, 4])
+@pytest.mark.parametrize("ratios", [(0.25, 0.5), (0.5, 0.25), (0.0, 0.5), (0.5, 0.0)])
+def test_feat_matches_reference(workers, ranks_per_node, ratios):
+    """SCoMoE-Feat equals a single process that emulates every rank: each slice of d_model gated within
+    its tier's experts (their FFN of that slice's width), outputs concatenated; outputs and gradients."""
+    cfg = dict(d_model=8, d_ffn=10, num_experts=8, ratio1=ratios[0], ratio2=ratios[1], capacity_factor=1.0)
+    workers.run(check_against_reference, "feat", ranks_per_node, cfg, COUNTS, 6)
+
+
+def _feat_global_vs_gshard(ranks_per_node: int):
+    topo = S.build_topology(ranks_per_node)
+    cfg_g = S.MoEConfig(**GSHARD, capacity_factor=0.75)
+    cfg_f = S.MoEConfig(**GSHARD, capacity_factor=0.75, ratio1=0.0, ratio2=0.0)
+    case = make_case(7, COUNTS, cfg_g)
+    out_g, xg_g, rg_g = run_layer("gshard", build("gshard", cfg_g, topo, case), case, topo.rank)
+    feat = S.SCoMoEFeat(cfg_f, topo).double()
+    assert feat.widths == (0, 0, cfg_f.d_model) and set(feat.experts) == {"global"}
+    case_f = case._replace(experts={"global": case.experts["all"]})
+    load_layer(feat, case_f, topo.rank, cfg_f.num_experts // topo.world_size)
+    out_f, xg_f, rg_f = run_layer("feat", feat, case_f, topo.rank)
+    assert_close(out_f.y, out_g.y, rtol=0, atol=0)
+    assert_close(xg_f, xg_g, rtol=0, atol=0)
+    assert_close(rg_f, rg_g, rtol=0, atol=0)
+
+
+def test_feat_with_the_whole_width_global_is_gshard(workers):
+    """On 2 nodes, SCoMoE-Feat with alpha = beta = 0 (the whole width in the global slice) equals GShard
+    with the same weights, bit for bit."""
+    workers.run(_feat_global_vs_gshard, 2)
+
+
+# ----------------------------------------------------------------------------
+# The ledger
+
+
+def _ledger_bytes(kind: str, cfg_args: dict, tokens: int):
+    topo = S.build_topology(2)
+    cfg = S.MoEConfig(**cfg_args)
+    case = make_case(8, [tokens] * WORLD, cfg, widths_of(kind, cfg, topo.num_nodes))
+    layer = build(kind, cfg, topo, case)
+    run_layer(kind, layer, case, topo.rank)
+    return {(link, dirn): layer.ledger.total(link=link, direction=dirn) for link in S.LINK_CLASSES
+            for dirn in ("forward", "backward")} | {"inter_node": layer.ledger.total(link="inter_node")}
+
+
+def test_ledger_matches_closed_forms(workers):
+    """Per rank and direction (two all-to-alls each: to the experts and back), GShard hands
+    2 * (W - G) * n * C * d * 8 bytes to other nodes, with C = ceil(2 * t / E); Seq's inter-node bytes
+    are (1 - alpha - beta) of GShard's up to token rounding, Feat's are d_global / d of GShard's."""
+    W, G, n, d, t = WORLD, 2, 2, 8, 40
+    base = dict(d_model=d, d_ffn=6, num_experts=W * n)
+    gshard = workers.run(_ledger_bytes, "gshard", base, t)
+    C = math.ceil(2 * t / (W * n))
+    for rank_bytes in gshard:
+        for dirn in ("forward", "backward"):
+            assert rank_bytes["inter_node", dirn] == 2 * (W - G) * n * C * d * 8
+            assert rank_bytes["intra_node", dirn] == 2 * (G - 1) * n * C * d * 8
+            assert rank_bytes["intra_device", dirn] == 2 * n * C * d * 8
+    alpha, beta = 0.2, 0.5
+    seq = workers.run(_ledger_bytes, "seq", base | dict(ratio1=alpha, ratio2=beta), t)
+    t_global = t - int(alpha * t) - int(beta * t)
+    C_global = math.ceil(2 * t_global / (W * n))
+    for s, g in zip(seq, gshard):
+        assert s["inter_node"] == 4 * (W - G) * n * C_global * d * 8
+        # rounding: C and C_global each round up by < 1 slot
+        assert abs(s["inter_node"] / g["inter_node"] - (1 - alpha - beta)) <= 1 / C + (1 - alpha - beta) / C
+    feat = workers.run(_ledger_bytes, "feat", base | dict(ratio1=0.25, ratio2=0.25), t)
+    for f, g in zip(feat, gshard):
+        assert f["inter_node"] * d == g["inter_node"] * (d - 2 - 2)
+
+
+def _gshard_world_output(seed: int):
+    topo = S.build_topology(2)
+    cfg = S.MoEConfig(**GSHARD, capacity_factor=16.0)
+    case = make_case(seed, COUNTS, cfg)
+    out, _, _ = run_layer("gshard", build("gshard", cfg, topo, case), case, topo.rank)
+    return out.y.detach(), float(out.tiers["global"].routing.dropped)
+
+
+def test_same_global_batch_same_output_on_1_and_4_processes(workers):
+    """With capacity not binding, GShard gives every token the same output whether the global batch is
+    split over 4 ranks (2 experts each) or held by one process with all 8 experts."""
+    results = workers.run(_gshard_world_output, 9)
+    cfg = S.MoEConfig(**GSHARD, capacity_factor=16.0)
+    case = make_case(9, COUNTS, cfg)
+    one = S.GShardMoE(cfg, S.build_topology()).double()
+    load_layer(one, case._replace(experts=case.experts), 0, cfg.num_experts)
+    single = one(torch.cat(case.xs), torch.cat(case.pads)).y
+    assert max(dropped for _, dropped in results) == 0
+    assert_close(torch.cat([y for y, _ in results]), single)
+
+
+# ----------------------------------------------------------------------------
+# 7. Configuration errors
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(ratio1=-0.1), "ratio1=-0.1 must lie in"),
+    (dict(ratio2=1.5), "ratio2=1.5 must lie in"),
+    (dict(ratio1=0.6, ratio2=0.5), "ratio1 \\+ ratio2"),
+    (dict(capacity_factor=0.0), "capacity_factor=0.0 must be > 0"),
+    (dict(capacity_factor=-1.0), "capacity_factor=-1.0"),
+    (dict(num_experts=0), "num_experts=0"),
+    (dict(d_model=0), "d_model=0"),
+    (dict(second_expert="random"), "second_expert='random'"),
+    (dict(activation="tanh"), "activation='tanh'"),
+])
+def test_config_errors(kwargs, match):
+    """Every bad MoEConfig value is a ValueError at construction that names the value."""
+    with pytest.raises(ValueError, match=match):
+        S.MoEConfig(**(dict(d_model=8, d_ffn=8, num_experts=4) | kwargs))
+
+
+def _layer_errors():
+    topo = S.build_topology(2)
+    with pytest.raises(ValueError, match="num_experts=6 is not divisible by the world size 4"):
+        S.GShardMoE(S.MoEConfig(d_model=8, d_ffn=8, num_experts=6), topo)
+    with pytest.raises(ValueError, match="the local slice of d_model=8 at ratio 0.1 has width 0"):
+        S.SCoMoEFeat(S.MoEConfig(d_model=8, d_ffn=8, num_experts=4, ratio1=0.1, ratio2=0.5), topo)
+    with pytest.raises(ValueError, match="the node slice of d_model=8 at ratio 0.05 has width 0"):
+        S.SCoMoEFeat(S.MoEConfig(d_model=8, d_ffn=8, num_experts=4, ratio1=0.5, ratio2=0.05), topo)
+
+
+def test_layer_errors(workers):
+    """Experts not divisible by the world size, and a Feat slice of width 0 while its ratio is > 0, are
+    ValueErrors raised at layer construction on every rank, before any collective."""
+    workers.run(_layer_errors)
