@@ -13,6 +13,8 @@ Sections, in the order of the paper:
   5. SCoMoE-Seq                      tokens split into local / node / global tiers
   6. SCoMoE-Feat                     the model width split into local / node / global slices
   7. Configuration                   one dataclass, validated before any collective runs
+  8. Balanced router                 the auction algorithm and differentiable sorting
+  9. Token clustering                gather related tokens on one rank, and send them back
 
 What is simplified: experts are plain two-layer FFNs run as one batched matmul;
 there is no expert or data parallelism beyond what SCoMoE needs (shared
@@ -686,3 +688,536 @@ class MoEConfig:
             raise ValueError(f"second_expert={self.second_expert!r} must be 'argmax' or 'sampling'")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation={self.activation!r} must be 'relu' or 'gelu'")
+
+
+# ----------------------------------------------------------------------------
+# 8. Balanced router and differentiable sorting (paper: "Token clustering")
+
+# The balanced assignment problem: T tokens, C clusters, exactly m = T / C
+# tokens per cluster, maximal total score. It is an assignment problem in which
+# each cluster is an object with m identical copies; BASE layers solve it with
+# Bertsekas' auction algorithm, and so do we, vectorised in torch.
+#   s(t, c)  score of token t for cluster c                 (T, C)
+#   p(c)     price of cluster c                             (C)
+#   v(t, c)  value s(t, c) - p(c), what t gains by joining c (T, C)
+# Invariant for every token t holding cluster c (eps-complementary slackness):
+#   s(t, c) - p(c) >= max_k (s(t, k) - p(k)) - eps                        (CS)
+# Once every token holds a cluster and (CS) holds, the total is within T * eps
+# of the optimum. A cluster holds at most m tokens, each with its bid on record;
+# p(c) is the lowest bid c holds once full, and the phase's floor before that.
+
+_NEG_INF = float("-inf")
+
+# eps scaling: the first phase uses eps = _START_FRACTION * (score range); each
+# later phase divides eps by _EPS_FACTOR until the final eps is reached.  (With
+# no scaling, inputs with many ties, such as integer scores or identical
+# rows, turn into long price wars; NOTES.md gives round counts.)
+_START_FRACTION = 0.25
+_EPS_FACTOR = 6.0
+# eps must stay well above float64 rounding of prices of size `scale`
+_MIN_EPS_REL = 1e-13
+# A safety net so that a bug cannot turn into an endless loop.  The auction
+# always terminates, as the comment in _run_rounds explains.
+_MAX_ROUNDS_PER_PHASE = 1_000_000
+
+
+def _check_scores(scores) -> tuple[int, int]:
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(
+            f"scores must be 2-D [T tokens, C clusters], got shape {tuple(scores.shape)}; "
+            "flatten the batch and sequence dims into T first, e.g. scores.reshape(-1, C)"
+        )
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating point tensor, got dtype {scores.dtype}")
+    T, C = scores.shape
+    if C < 1 or T < C or T % C != 0:
+        fix = (
+            f"pad the tokens to T' = {max(C, -(-T // C) * C)} rows with masked padding "
+            "tokens whose score row is constant and below every real token's score "
+            "(padding_scores does this), then drop the padding rows from the result"
+            if C >= 1 else "give at least one cluster"
+        )
+        raise ValueError(
+            f"balanced assignment needs T to be a positive multiple of C (every cluster "
+            f"gets exactly T // C tokens), got T={T} tokens and C={C} clusters; {fix}"
+        )
+    if bool(torch.isnan(scores).any()):
+        raise ValueError(
+            "scores contain NaN; replace them before calling, e.g. with "
+            "scores.nan_to_num(nan=float('-inf')) to forbid those token/cluster pairs, "
+            "or with a finite low value to only discourage them"
+        )
+    if bool(torch.isposinf(scores).any()):
+        raise ValueError(
+            "scores contain +inf; use large finite values instead (only -inf is "
+            "supported, meaning 'forbidden token/cluster pair')"
+        )
+    return T, C
+
+
+def _bid_for(s_rows: torch.Tensor, price: torch.Tensor, c: torch.Tensor, eps: float):
+    """The bid of some tokens for cluster c[i] (one cluster per token row).
+
+    bid = s[t, c] - w + eps,   w = max_{k != c} (s[t, k] - p[k])
+    This is the highest price at which c is still within eps of t's best other
+    option, so (CS) holds for t at any price p[c] <= bid.
+    """
+    v = s_rows - price                                            # (..., C) values
+    c = c.unsqueeze(-1)                                           # (..., 1)
+    w = v.scatter(-1, c, _NEG_INF).amax(dim=-1)                   # (...) best value elsewhere
+    return s_rows.gather(-1, c).squeeze(-1) - w + eps             # (...)
+
+
+def _new_bids(s_rows: torch.Tensor, price: torch.Tensor, eps: float):
+    """Unassigned tokens bid for their best cluster c1 = argmax_c (s[t,c] - p[c]).
+
+    The bid is p[c1] + (v1 - v2) + eps >= p[c1] + eps, where v1 and v2 are the
+    best and second best values.  Ties in the argmax go to the lower cluster
+    index, because torch.argmax returns the first maximum.
+    """
+    best = (s_rows - price).argmax(dim=1)                         # (U) c1
+    return best, _bid_for(s_rows, price, best, eps)               # (U), (U)
+
+
+def _run_rounds(s, price, slot_bid, slot_tok, bidders, eps, m):
+    """Run Jacobi auction rounds at a fixed eps until every token holds a cluster.
+
+    State, updated in place:
+      slot_bid[c, :]  bids on record in cluster c's m slots, sorted in      [C, m]
+                      descending order (an empty slot holds the floor)
+      slot_tok[c, :]  the token in each slot (T marks an empty slot)        [C, m]
+      price[c]        = slot_bid[c, m - 1], the lowest bid c holds           [C]
+      bidders         tokens that hold no cluster                           [U]
+    A round costs O(U*C + R*m*C + R*(m+K) log(m+K)), where R is the number of
+    clusters that get bids and K is the most bids any one of them gets.  It is
+    never O(T*C) unless R = C, and late rounds often move only one token.
+
+    Termination.  Let Phi = the sum of all slot bids on record.  Take a cluster
+    c that gets bids in a round, with highest new bid b >= p[c] + eps.
+    Refreshing raises every holder's bid, in particular the slot whose bid was
+    p[c].  If no new bid is kept, all m refreshed bids are >= b, so that slot
+    alone rose by >= eps.  Otherwise a kept new bid b' >= p[c] + eps replaces
+    the lowest refreshed bid r, and the slot that held p[c] was refreshed to at
+    least r: together (r - p[c]) + (b' - r) >= eps.  So Phi grows by >= eps
+    per round.  Phi is bounded during a phase: while a token is unassigned, some
+    cluster has an empty slot at its fixed floor f, so no token bids more than
+    (max score - min score) + f + eps.  Hence the number of rounds is finite.
+    """
+    T = s.shape[0]
+    C = price.numel()
+    dev = s.device
+    for _ in range(_MAX_ROUNDS_PER_PHASE):
+        U = bidders.numel()
+        if U == 0:
+            return
+        bidders = torch.sort(bidders).values                      # (U) ascending token index
+        best, bid = _new_bids(s[bidders], price, eps)             # (U), (U)
+
+        # Group the new bids by cluster, highest bid first within a cluster.
+        # Equal bids keep ascending token index (the sorts are stable).
+        order = torch.sort(bid, descending=True, stable=True).indices
+        order = order[torch.sort(best[order], stable=True).indices]
+        b_c, b_bid, b_tok = best[order], bid[order], bidders[order]      # (U)
+        n_new = torch.bincount(b_c, minlength=C)                         # (C) bids per cluster
+        first = torch.cumsum(n_new, 0) - n_new                           # (C)
+        rank = torch.arange(U, device=dev) - first[b_c]                  # (U) rank in its cluster
+        rows = n_new.nonzero().squeeze(1)                                # (R) clusters with bids
+        R, K = rows.numel(), int(n_new.max())                            # (host sync)
+        row_of = torch.empty(C, dtype=torch.long, device=dev)
+        row_of[rows] = torch.arange(R, device=dev)
+        new_bid = torch.full((R, K), _NEG_INF, dtype=s.dtype, device=dev)  # (R, K)
+        new_tok = torch.full((R, K), T, dtype=torch.long, device=dev)      # (R, K)
+        new_bid[row_of[b_c], rank] = b_bid
+        new_tok[row_of[b_c], rank] = b_tok
+
+        # The current holders of these clusters bid again at today's prices
+        # ("refresh"): other clusters may have become dearer since they bid, so
+        # the bid they would make now is >= the one on record and still satisfies
+        # (CS).  This lets prices rise by a full eps per round instead of creeping
+        # up one copy at a time, which removed most rounds in the price wars
+        # between many equal copies (padding, ties).  Empty slots keep the floor.
+        held_tok = slot_tok[rows]                                        # (R, m)
+        is_held = held_tok < T                                           # (R, m)
+        s_held = s[held_tok.clamp(max=T - 1)]                            # (R, m, C)
+        held_bid = torch.where(
+            is_held,
+            _bid_for(s_held, price, rows[:, None].expand(R, m), eps),    # (R, m)
+            slot_bid[rows],
+        )
+
+        # Each cluster keeps the m highest of (its holders' bids) + (new bids).
+        # Holders come first in the concatenation, so the stable sort lets a
+        # holder win a tie against a newcomer.  Every new bid is above the floor,
+        # so new bids fill empty slots before they push anyone out.
+        cand_bid = torch.cat([held_bid, new_bid], dim=1)                 # (R, m+K)
+        cand_tok = torch.cat([held_tok, new_tok], dim=1)                 # (R, m+K)
+        cand_bid, pos = torch.sort(cand_bid, dim=1, descending=True, stable=True)
+        cand_tok = cand_tok.gather(1, pos)                               # (R, m+K)
+        slot_bid[rows] = cand_bid[:, :m]
+        slot_tok[rows] = cand_tok[:, :m]
+        price[rows] = cand_bid[:, m - 1]         # p(c) = lowest bid kept (or the floor)
+        # holders that were pushed out, and rejected newcomers, bid next round
+        losers = cand_tok[:, m:].reshape(-1)                             # (R*K)
+        bidders = losers[losers < T]                                     # (U') (host sync)
+    raise RuntimeError("auction did not terminate; this is a bug, please report the input")
+
+
+def _owner(slot_tok: torch.Tensor, T: int) -> torch.Tensor:
+    """The cluster of each token ([T]) from the slot table (all slots full)."""
+    C, m = slot_tok.shape
+    owner = torch.full((T + 1,), -1, dtype=torch.long, device=slot_tok.device)
+    owner[slot_tok.reshape(-1)] = torch.arange(C, device=slot_tok.device).repeat_interleave(m)
+    return owner[:T]
+
+
+def _start_phase(s, price, owner, eps, m):
+    """Start a new eps phase: keep the prices, and keep every token that still
+    satisfies (CS) for the new, smaller eps, with its bid renewed at this eps.
+    Unassign the rest.  Their slots become empty, at a floor equal to the old
+    price.
+
+    owner: [T], the cluster of every token (all assigned at the end of a phase).
+    Returns (slot_bid, slot_tok, price, bidders).
+    """
+    T, C = s.shape
+    v = s - price                                                 # (T, C)
+    v_own = v.gather(1, owner[:, None]).squeeze(1)                # (T)
+    w = v.scatter(1, owner[:, None], _NEG_INF).amax(dim=1)        # (T) best value elsewhere
+    keep = v_own >= w - eps                                       # (T) (CS) at the new eps
+    # renewed bid s(t,own) - w + eps = p(own) + (v_own - w) + eps, >= p(own) if kept
+    bid = torch.where(keep, price[owner] + (v_own - w) + eps, _NEG_INF)   # (T)
+    # Lay the tokens out cluster by cluster (each cluster holds exactly m at
+    # the end of a phase): kept tokens first, in descending order of bid.
+    order = torch.sort(bid, descending=True, stable=True).indices
+    order = order[torch.sort(owner[order], stable=True).indices].view(C, m)  # (C, m)
+    kept = keep[order]                                            # (C, m)
+    slot_bid = torch.where(kept, bid[order], price[:, None])      # (C, m) floor = old price
+    slot_tok = torch.where(kept, order, T)                        # (C, m)
+    new_price = slot_bid[:, m - 1].clone()                        # (C) >= old price
+    bidders = (~keep).nonzero().squeeze(1)                        # (U)
+    return slot_bid, slot_tok, new_price, bidders
+
+
+def _n_violators(s, price, owner, eps) -> int:
+    """How many tokens break (CS) at these prices (host sync)."""
+    v = s - price                                                 # (T, C)
+    v_own = v.gather(1, owner[:, None]).squeeze(1)                # (T)
+    w = v.scatter(1, owner[:, None], _NEG_INF).amax(dim=1)        # (T)
+    return int((v_own < w - eps).sum())
+
+
+def _repair_prices(s, price, owner, eps):
+    """Between phases: look for prices that keep more of the assignment.
+
+    For a fixed assignment, (CS) for every holder t of cluster a reads
+        p[a] - p[b] <= s[t, a] - s[t, b] + eps                 for every cluster b,
+    i.e.  p[a] - p[b] <= D[a, b] := min_{t in a} (s[t, a] - s[t, b]) + eps.
+    These are difference constraints on C numbers.  They have a solution iff
+    the graph on the clusters with edge lengths D has no negative cycle, and
+    Bellman-Ford, started from the current prices, finds the largest one below
+    them.  If there is a solution, no token needs to be unassigned at all.  If
+    there is none (a negative cycle), the prices after C Bellman-Ford steps
+    usually still break fewer constraints than the old ones.  Either way we
+    keep whichever price vector leaves fewer (CS) violators: any prices are a
+    valid start for a phase, because the phase unassigns every violator.
+    On inputs with many equal rows (e.g. all rows identical), this removes the
+    restart at each phase almost completely.  Cost O(T*C + C^3), and at most
+    C + 2 host syncs; only used when C*C <= T.
+    """
+    T, C = s.shape
+    diff = s.gather(1, owner[:, None]) - s                        # (T, C) s(t,a) - s(t,b)
+    D = torch.full((C, C), float("inf"), dtype=s.dtype, device=s.device)
+    # The margin eps/2 (instead of eps) absorbs float rounding: prices that
+    # satisfy the constraints at eps/2 satisfy (CS) at eps after rounding.
+    D = D.scatter_reduce(0, owner[:, None].expand(T, C), diff, "amin") + eps / 2   # (C, C)
+    p = price
+    for _ in range(C):                                            # Bellman-Ford
+        p_next = torch.minimum(p, (p[None, :] + D).amin(dim=1))   # p(a) <- min_b (p(b) + D(a, b))
+        if torch.equal(p_next, p):                                # (host sync) all constraints hold
+            return p
+        p = p_next
+    if _n_violators(s, p, owner, eps) < _n_violators(s, price, owner, eps):
+        return p
+    return price
+
+
+def _eps_schedule(span: float, eps_final: float) -> list[float]:
+    eps = max(_START_FRACTION * span, eps_final)
+    schedule = []
+    while eps > eps_final:
+        schedule.append(eps)
+        eps /= _EPS_FACTOR
+    schedule.append(eps_final)
+    return schedule
+
+
+def balanced_assignment(scores: torch.Tensor, eps: float | None = None) -> torch.LongTensor:
+    """Assign T tokens to C clusters, exactly T // C tokens per cluster,
+    maximising the total score  sum_t scores[t, cluster[t]].
+
+    Args:
+        scores: ``[T, C]`` floating point tensor, of any float dtype and on any
+            device.  ``-inf`` marks a forbidden token/cluster pair.  T must be
+            a multiple of C, and T >= C (otherwise pad; see ``padding_scores``).
+        eps: final auction slack, > 0.  Default: ``(max - min) / (T + 1)`` over
+            the finite scores (``1 / (T + 1)`` if they are all equal).
+
+    Returns:
+        ``cluster``: ``[T]`` int64 tensor on ``scores.device``.  Every cluster
+        index 0..C-1 occurs exactly T // C times.
+
+    Optimality guarantee (the standard auction result):
+        sum_t scores[t, cluster[t]]  >=  OPT - T * eps
+        (up to float64 rounding; all work is done in float64 whatever the input
+        dtype).  With the default eps, the gap is < (max - min) * T / (T + 1),
+        i.e. less than one token's score range; in practice it is far smaller
+        (NOTES.md gives the gap measured against scipy).  For integer-valued scores
+        and ``eps < 1 / T`` the result is exactly optimal, because the total is
+        an integer within T * eps < 1 of OPT.
+        Proof sketch: for any prices p, every balanced assignment (the optimal
+        one too) has total sum_t (s - p)[t, its cluster] + m * sum_c p[c], so
+            OPT <= sum_t max_c (s[t,c] - p[c]) + m * sum_c p[c]   (weak duality),
+        while (CS) for every token gives
+            sum_t s[t, cluster[t]] = sum_t (s[t, cluster[t]] - p[cluster[t]]) + m * sum_c p[c]
+                                   >= sum_t max_c (s[t,c] - p[c]) - T*eps + m * sum_c p[c].
+
+    Algorithm: Bertsekas' forward auction with eps scaling, in Jacobi form: in
+        each round every unassigned token bids for its best cluster at once.
+        A cluster keeps its m highest bids, and its price is the lowest bid it
+        holds once it is full.  eps starts at 0.25 * (max - min) and is divided
+        by 6 per phase down to the final eps; each phase keeps the prices and
+        the tokens that still satisfy (CS).  Two additions speed it up without
+        touching the guarantee: a cluster's holders renew their bids at current
+        prices when the cluster gets new bids (_run_rounds), and between phases
+        prices are adjusted by Bellman-Ford on the C clusters so that fewer
+        tokens must be unassigned (_repair_prices).
+
+    Ties and determinism: the output is a deterministic function of the input
+        (only stable sorts and first-index argmax are used).  A token whose best
+        clusters tie bids for the lowest cluster index.  For a cluster, among
+        equal bids a current holder beats a newcomer, and among newcomers the
+        lower token index wins.
+
+    -inf scores: no token is given a -inf pair when some balanced assignment
+        uses only finite scores.  Internally each -inf becomes a penalty larger
+        than any difference a finite assignment can make up.  If no such
+        assignment exists, ``ValueError`` is raised.
+
+    Padding convention: if T is not a multiple of C, append padding tokens
+        whose score row is *constant* and below every real score (``padding_scores``
+        sets such rows).  A constant row leaves a padding token indifferent
+        between clusters, so padding only fills the places the real tokens leave
+        free.  The real tokens get an optimal assignment of the relaxed problem
+        "at most m real tokens per cluster" (up to T * eps), and a padding token
+        never pushes a real token out: a real token in cluster a never prefers a
+        cluster b that holds padding by more than 2 * eps, i.e.
+        scores[t, b] <= scores[t, a] + 2 * eps.  Example::
+
+            cluster = balanced_assignment(padding_scores(scores, is_pad))
+
+    Raises:
+        ValueError: input not 2-D or not floating point; T < C or T % C != 0;
+            NaN or +inf scores; eps <= 0, or too small for float64 at this
+            score scale; no feasible assignment that avoids the -inf scores.
+    """
+    T, C = _check_scores(scores)
+    m = T // C
+    dev = scores.device
+    s = scores.detach().to(torch.float64)                         # (T, C)
+    forbidden = torch.isneginf(s)                                 # (T, C)
+    has_forbidden = bool(forbidden.any())
+    if has_forbidden and bool(forbidden.all(dim=1).any()):
+        bad = int(forbidden.all(dim=1).nonzero()[0])
+        raise ValueError(
+            f"infeasible: token {bad} has score -inf for every cluster; give it at "
+            "least one finite score (padding rows must be finite)"
+        )
+    finite = s[~forbidden]
+    lo, hi = float(finite.min()), float(finite.max())
+    span = hi - lo if hi > lo else 1.0                            # the score range
+    if eps is None:
+        eps = span / (T + 1)
+    eps = float(eps)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
+
+    if C == 1:                                                    # nothing to decide
+        if has_forbidden:
+            raise ValueError(
+                "infeasible: with C=1 every token must go to cluster 0, but some scores are -inf"
+            )
+        return torch.zeros(T, dtype=torch.long, device=dev)
+
+    s = s - lo                                                    # finite scores in (0, span)
+    scale = span
+    if has_forbidden:
+        # Penalty > (T-1)*span + T*eps: any assignment that uses a forbidden
+        # pair totals less than (any all-finite assignment) - T*eps, so a result
+        # within T*eps of the optimum uses none unless none can be avoided.
+        penalty = (T + 1) * (span + eps)
+        s = torch.where(forbidden, torch.full_like(s, -penalty), s)
+        scale = span + penalty
+    # Prices stay within a few `scale` of 0, and eps must not vanish next to them.
+    if eps < _MIN_EPS_REL * scale:
+        raise ValueError(
+            f"eps={eps:g} is too small for float64 arithmetic at score scale {scale:g}; "
+            f"use eps >= {_MIN_EPS_REL * scale:g}"
+        )
+
+    # Phase 0 starts from zero prices and no holders: every slot is empty, at price 0.
+    price = torch.zeros(C, dtype=torch.float64, device=dev)                 # (C)
+    slot_bid = torch.zeros(C, m, dtype=torch.float64, device=dev)           # (C, m)
+    slot_tok = torch.full((C, m), T, dtype=torch.long, device=dev)          # (C, m)
+    bidders = torch.arange(T, device=dev)                                   # (T)
+    cluster = None
+    for phase, eps_k in enumerate(_eps_schedule(span, eps)):    # eps decreasing
+        if phase > 0:
+            # keep the previous phase's prices (possibly repaired) and every
+            # token that still satisfies (CS) at the smaller eps
+            if C * C <= T:
+                price = _repair_prices(s, price, cluster, eps_k)
+            slot_bid, slot_tok, price, bidders = _start_phase(s, price, cluster, eps_k, m)
+        _run_rounds(s, price, slot_bid, slot_tok, bidders, eps_k, m)   # until all assigned
+        cluster = _owner(slot_tok, T)                                       # (T)
+    # Now every token holds a cluster, every cluster is full, and (CS) holds at
+    # the final eps, so the total is within T * eps of the optimum.
+
+    if has_forbidden and bool(forbidden.gather(1, cluster[:, None]).any()):
+        raise ValueError(
+            "infeasible: no balanced assignment (T // C tokens per cluster) avoids the -inf "
+            "scores; allow more token/cluster pairs or relax the balance constraint"
+        )
+    return cluster
+
+
+def padding_scores(scores: Tensor, pad_mask: Tensor) -> Tensor:
+    """scores (t, C) with the rows of padding tokens set to one constant below every real score.
+
+    The constant is lo - (hi - lo) (lo - 1 if all real scores are equal), which
+    at most doubles the score range: padding is then indifferent between
+    clusters and only fills the places the real tokens leave free.
+    """
+    real = scores.masked_fill(pad_mask[:, None], float("nan"))  # (t, C)
+    finite = real[real.isfinite()]
+    if finite.numel() == 0:
+        return scores.masked_fill(pad_mask[:, None], 0.0)
+    lo, hi = finite.min(), finite.max()
+    low = lo - torch.where(hi > lo, hi - lo, torch.ones_like(lo))
+    return scores.masked_fill(pad_mask[:, None], low)
+
+
+def sort_tokens(x: Tensor, scores: Tensor, order: Tensor, tau: float, pad_mask: Optional[Tensor] = None) -> Tensor:
+    """Differentiable sorting: M X with M = P + S - stopgrad(S), without a (t, t) matrix.
+
+    x: (t, d); scores: (t, C) token-cluster scores; order: (t,) the hard sort P
+    (slot i holds token order[i], slots grouped by cluster, t / C per cluster).
+    S is the soft sort: the row of a slot owned by cluster e is the softmax over
+    tokens of s[:, e] / tau, divided by t / C. The forward value is exactly the
+    sort P X; the gradient reaches the scores through the softmax. All rows of
+    one cluster are equal, so S X is a (C, d) matrix broadcast to the slots.
+    Padding tokens are left out of the softmax.
+    """
+    t, C = scores.shape
+    m = t // C  # slots per cluster
+    logits = scores / tau
+    if pad_mask is not None:
+        logits = logits.masked_fill(pad_mask[:, None], torch.finfo(logits.dtype).min)
+    soft = logits.softmax(dim=0)  # (t, C): column e = softmax over tokens of s[:, e] / tau
+    zero = (soft - soft.detach()) / m  # (t, C): S - stopgrad(S), transposed; exactly 0 in value
+    mix = zero.t().to(x.dtype) @ x  # (C, d): (S - stopgrad(S)) X for the rows of each cluster
+    return x[order] + mix.repeat_interleave(m, dim=0)  # (t, d): P X + (S - stopgrad(S)) X
+
+
+# ----------------------------------------------------------------------------
+# 9. Token clustering (paper: "Token clustering")
+
+
+class ClusterPlan(NamedTuple):
+    """How the clustering layer moved the tokens: carried by the layers after it, used to send them back."""
+
+    order: Tensor  # (t_pad,) this rank's token positions in the order they were sent
+    send_splits: list[int]  # tokens sent to each rank
+    recv_splits: list[int]  # tokens received from each rank
+    pad_mask: Tensor  # (t_recv,) True for padding among the tokens now on this rank
+    tokens: int  # t: this rank's tokens before padding
+    group: CommGroup  # the world
+
+
+class TokenClustering(nn.Module):
+    """The first MoE layer with clustering: a balanced router that gathers related tokens on one rank.
+
+    Scores s = x W_c against one cluster per rank (route_to="rank") or per node
+    (route_to="node", the node's tokens then spread evenly over its ranks), finds
+    the balanced assignment of this rank's tokens (every cluster gets t / C), sends
+    each token to its cluster's rank with one variable-split all-to-all, and there
+    applies x + FFN(x) (gate="softmax", trained through differentiable sorting) or
+    BASE layers' sigmoid gate sigmoid(x.w_c) FFN(x) + (1 - sigmoid(x.w_c)) x
+    (gate="sigmoid"). Returns the moved tokens and the ClusterPlan; `uncluster`
+    sends them back after the last MoE layer.
+    """
+
+    def __init__(self, d_model: int, d_ffn: int, topology: Topology, *, route_to: str = "rank",
+                 gate: str = "softmax", tau: float = 0.5, activation: str = "relu") -> None:
+        super().__init__()
+        if route_to not in ("rank", "node"):
+            raise ValueError(f"route_to={route_to!r} must be 'rank' (one cluster per rank) or 'node'")
+        if gate not in ("softmax", "sigmoid"):
+            raise ValueError(f"gate={gate!r} must be 'softmax' (differentiable sorting) or 'sigmoid' (BASE layers)")
+        if not tau > 0:
+            raise ValueError(f"tau={tau} must be > 0 (the authors use 0.5)")
+        self.topology, self.route_to, self.gate, self.tau = topology, route_to, gate, tau
+        self.num_clusters = topology.world_size if route_to == "rank" else topology.num_nodes
+        self.router = nn.Linear(d_model, self.num_clusters, bias=False)  # W_c: one column per cluster
+        self.ffn = Experts(1, d_model, d_ffn, activation)  # this rank's FFN
+        self.ledger = CommLedger()
+
+    def cluster(self, x: Tensor, pad_mask: Optional[Tensor] = None,
+                detach_router_input: bool = False) -> tuple[Tensor, ClusterPlan]:
+        """Send every token to its cluster's rank: (t, d) -> (t_recv, d), and the plan."""
+        topo = self.topology
+        t, d = x.shape
+        W = topo.world_size
+        pad = (-t) % W  # pad t to a multiple of W: every rank takes the same share of every cluster
+        x = torch.cat([x, x.new_zeros(pad, d)])  # (t_pad, d)
+        is_pad = torch.zeros(t + pad, dtype=torch.bool, device=x.device)
+        is_pad[t:] = True
+        if pad_mask is not None:
+            is_pad[:t] = pad_mask
+        scores = self.router(x.detach() if detach_router_input else x)  # (t_pad, C)
+        share = (t + pad) // W  # tokens this rank sends to each rank
+        if t + pad == 0:
+            order = torch.zeros(0, dtype=torch.long, device=x.device)
+        else:
+            # padding scores lie below every real token's, so padding is assigned last
+            cluster = balanced_assignment(padding_scores(scores.detach(), is_pad))  # (t_pad,)
+            order = cluster.sort(stable=True).indices  # (t_pad,): slots by cluster, token order within
+        # slots of cluster c are ranks c*G .. (node) or rank c (rank): slot i goes to rank i // share
+        if self.gate == "softmax" and t + pad > 0:
+            sent = sort_tokens(x, scores, order, self.tau, is_pad)  # (t_pad, d)
+        else:
+            sent = x[order]  # (t_pad, d)
+        send = [share] * W
+        recv = [c // W for c in topo.gather_counts(t + pad)]  # every rank sends us its t_pad / W
+        moved = all_to_all(sent, topo.world, send, recv, ledger=self.ledger, tag="cluster")  # (t_recv, d)
+        moved_pad = all_to_all(is_pad[order].to(torch.uint8), topo.world, send, recv, ledger=self.ledger,
+                               tag="cluster").bool()  # (t_recv,)
+        return moved, ClusterPlan(order, send, recv, moved_pad, t, topo.world)
+
+    def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None,
+                detach_router_input: bool = False) -> tuple[Tensor, ClusterPlan]:
+        moved, plan = self.cluster(x, pad_mask, detach_router_input)  # (t_recv, d)
+        h = self.ffn(moved[None])[0]  # (t_recv, d)
+        if self.gate == "softmax":
+            return moved + h, plan  # x + FFN(x)
+        mine = self.topology.rank if self.route_to == "rank" else self.topology.node_rank
+        w_c = self.router.weight[mine]  # (d,): this rank's cluster
+        g = torch.sigmoid((moved.detach() if detach_router_input else moved) @ w_c)[:, None]  # (t_recv, 1)
+        return g * h + (1 - g) * moved, plan  # sigmoid(x.w_c) FFN(x) + (1 - sigmoid(x.w_c)) x
+
+
+def uncluster(y: Tensor, plan: ClusterPlan, ledger: Optional[CommLedger] = None) -> Tensor:
+    """Send the tokens back to their ranks and undo the sort: (t_recv, d) -> (t, d), padding removed."""
+    back = all_to_all(y, plan.group, plan.recv_splits, plan.send_splits, ledger=ledger, tag="cluster")  # (t_pad, d)
+    return back.index_select(0, plan.order.argsort())[:plan.tokens]  # (t, d) in token order

@@ -17,10 +17,14 @@ import traceback
 from datetime import timedelta
 from typing import NamedTuple
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from scipy.optimize import linear_sum_assignment
 from torch.testing import assert_close
 
 import scomoe as S
@@ -216,19 +220,17 @@ class Reference(NamedTuple):
     expert_grads: dict  # like Case.experts
 
 
-def run_reference(kind: str, case: Case, cfg: S.MoEConfig, world: int, ranks_per_node: int) -> Reference:
-    """Emulate every rank of a `kind` layer in one process, with all experts held here."""
+def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, experts: dict, cfg: S.MoEConfig,
+                      world: int, ranks_per_node: int) -> tuple[list, list]:
+    """Emulate every rank of a `kind` layer in one process, with all experts held here: (ys, auxes) per rank."""
     G, N = ranks_per_node, world // ranks_per_node
     E = cfg.num_experts
     n = E // world
-    counts = [x.shape[0] for x in case.xs]
-    xs = [x.clone().requires_grad_() for x in case.xs]
-    router = case.router.clone().requires_grad_()
-    experts = {name: {k: v.clone().requires_grad_() for k, v in p.items()} for name, p in case.experts.items()}
+    counts = [x.shape[0] for x in xs]
     cf = cfg.capacity_factor
     ys, auxes = [], []
     for r in range(world):
-        x, pad = xs[r], case.pads[r]
+        x, pad = xs[r], pads[r]
         logits = x @ router.t()  # (t, E)
         node_ranks = range((r // G) * G, (r // G + 1) * G)
         ranges = {"local": (r * n, (r + 1) * n), "node": ((r // G) * G * n, (r // G + 1) * G * n),
@@ -278,6 +280,15 @@ def run_reference(kind: str, case: Case, cfg: S.MoEConfig, world: int, ranks_per
             y, aux = torch.cat(outs, dim=-1), torch.stack(tier_aux).mean()
         ys.append(y)
         auxes.append(aux)
+    return ys, auxes
+
+
+def run_reference(kind: str, case: Case, cfg: S.MoEConfig, world: int, ranks_per_node: int) -> Reference:
+    """The reference forward and backward of the test loss, from leaf copies of the case's tensors."""
+    xs = [x.clone().requires_grad_() for x in case.xs]
+    router = case.router.clone().requires_grad_()
+    experts = {name: {k: v.clone().requires_grad_() for k, v in p.items()} for name, p in case.experts.items()}
+    ys, auxes = reference_forward(kind, xs, case.pads, router, experts, cfg, world, ranks_per_node)
     loss = sum((y * cot).sum() + AUX_WEIGHT * aux for y, cot, aux in zip(ys, case.cots, auxes))
     loss.backward()
     return Reference([y.detach() for y in ys], [a.detach() for a in auxes], [x.grad for x in xs], router.grad,
@@ -724,3 +735,618 @@ def test_layer_errors(workers):
     """Experts not divisible by the world size, and a Feat slice of width 0 while its ratio is > 0, are
     ValueErrors raised at layer construction on every rank, before any collective."""
     workers.run(_layer_errors)
+
+
+# ----------------------------------------------------------------------------
+# 8. Balanced assignment (the auction algorithm)
+
+def total(scores, cluster):
+    s = scores.double()
+    return float(s[torch.arange(s.shape[0]), cluster].sum())
+
+
+def default_eps(scores):
+    s = scores.double()
+    f = s[torch.isfinite(s)]
+    span = float(f.max() - f.min()) if float(f.max()) > float(f.min()) else 1.0
+    return span / (s.shape[0] + 1)
+
+
+def assert_balanced(cluster, T, C):
+    assert cluster.dtype == torch.long
+    assert cluster.shape == (T,)
+    assert int(cluster.min()) >= 0 and int(cluster.max()) < C
+    assert torch.equal(torch.bincount(cluster, minlength=C), torch.full((C,), T // C))
+
+
+def brute_force_opt(scores):
+    """Best total over all balanced assignments (T <= 8)."""
+    s = scores.double().numpy()
+    T, C = s.shape
+    labels = [c for c in range(C) for _ in range(T // C)]
+    assigns = np.array(sorted(set(itertools.permutations(labels))))      # [N, T]
+    totals = s[np.arange(T)[None, :], assigns].sum(axis=1)
+    return totals.max()
+
+
+def scipy_opt(scores, forbidden_value=None):
+    """Optimum via linear_sum_assignment on the T x T matrix whose columns are
+    the clusters, each repeated T // C times."""
+    s = scores.double().numpy()
+    T, C = s.shape
+    if forbidden_value is not None:
+        s = np.where(np.isneginf(s), forbidden_value, s)
+    expanded = np.repeat(s, T // C, axis=1)                                # [T, T]
+    r, c = linear_sum_assignment(expanded, maximize=True)
+    return expanded[r, c].sum()
+
+
+def greedy(scores):
+    """Each token in index order takes its best cluster that still has room."""
+    T, C = scores.shape
+    m = T // C
+    room = [m] * C
+    out = []
+    for t in range(T):
+        for c in torch.argsort(scores[t], descending=True, stable=True).tolist():
+            if room[c]:
+                room[c] -= 1
+                out.append(c)
+                break
+    return torch.tensor(out)
+
+
+# balance
+SHAPES = [(1, 1), (5, 1), (2, 2), (6, 3), (8, 8), (12, 4), (16, 2), (32, 32),
+          (60, 6), (64, 16), (100, 5), (128, 128), (256, 8), (384, 3), (1000, 10)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T,C", SHAPES)
+def test_balance_random_shapes(T, C, dtype):
+    """Output is a [T] long tensor in 0..C-1 and every cluster gets exactly T // C
+    tokens, for C = 1, C = T and everything in between, in float32 and float64."""
+    g = torch.Generator().manual_seed(T * 1000 + C)
+    scores = torch.randn(T, C, generator=g, dtype=dtype)
+    assert_balanced(S.balanced_assignment(scores), T, C)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_balance_half_precision(dtype):
+    """Half-precision inputs (with many exact ties) are balanced and near-optimal."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(128, 8, generator=g).to(dtype)
+    cluster = S.balanced_assignment(scores)
+    assert_balanced(cluster, 128, 8)
+    assert total(scores, cluster) >= scipy_opt(scores) - 128 * default_eps(scores) - 1e-9
+
+
+def test_balance_constant_scores():
+    """All-equal scores (every assignment optimal, all bids tie) still give an
+    exactly balanced result."""
+    for T, C in [(12, 3), (64, 8), (256, 32)]:
+        assert_balanced(S.balanced_assignment(torch.zeros(T, C)), T, C)
+
+
+# optimality
+TINY = [(T, C) for T in range(1, 9) for C in range(1, T + 1) if T % C == 0]
+
+
+@pytest.mark.parametrize("T,C", TINY)
+def test_brute_force_tiny(T, C):
+    """Total score >= brute-force optimum - T*eps (default eps), T <= 8."""
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        scores = torch.randn(T, C, generator=g, dtype=torch.float64)
+        got = total(scores, S.balanced_assignment(scores))
+        opt = brute_force_opt(scores)
+        assert got <= opt + 1e-9
+        assert got >= opt - T * default_eps(scores) - 1e-9
+
+
+@pytest.mark.parametrize("T,C", [(6, 2), (6, 3), (8, 2), (8, 4), (8, 8)])
+def test_integer_scores_exact(T, C):
+    """Integer scores with eps < 1/T: the result is exactly optimal."""
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        scores = torch.randint(-3, 4, (T, C), generator=g).float()
+        got = total(scores, S.balanced_assignment(scores, eps=0.99 / T))
+        assert got == brute_force_opt(scores)
+
+
+@pytest.mark.parametrize("T,C", [(64, 4), (96, 8), (128, 32), (256, 16), (512, 8), (512, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vs_scipy_medium(T, C, dtype):
+    """Total >= scipy optimum (expanded T x T matrix) - T*eps, and never above it."""
+    g = torch.Generator().manual_seed(T + C)
+    scores = (torch.randn(T, C, generator=g) + torch.randn(C, generator=g)).to(dtype)
+    got = total(scores, S.balanced_assignment(scores))
+    opt = scipy_opt(scores)
+    assert got <= opt + 1e-6
+    assert got >= opt - T * default_eps(scores) - 1e-6
+
+
+def test_vs_scipy_small_eps_integer():
+    """Medium integer case, eps < 1/T: exactly the scipy optimum."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 20, (240, 12), generator=g).double()
+    got = total(scores, S.balanced_assignment(scores, eps=0.5 / 240))
+    assert got == scipy_opt(scores)
+
+
+def test_strictly_better_than_greedy():
+    """On a case built to fool greedy argmax-with-capacity, the auction is
+    strictly better (and optimal)."""
+    # token 0 is happy anywhere; tokens 1, 2 only like cluster 0.  Greedy puts
+    # token 0 in cluster 0 first, forcing token 2 into cluster 1 (score 0).
+    scores = torch.tensor([[10.0, 9.0], [10.0, 0.0], [10.0, 0.0], [0.0, 0.0]])
+    ours = total(scores, S.balanced_assignment(scores))
+    greedy_total = total(scores, greedy(scores))
+    assert greedy_total == 20.0
+    assert ours == 29.0 == brute_force_opt(scores)
+    # and on random data greedy is never better than the auction
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(256, 8, generator=g, dtype=torch.float64)
+    assert total(scores, S.balanced_assignment(scores)) > total(scores, greedy(scores))
+
+
+# -inf (forbidden pairs)
+def test_neg_inf_never_used_when_feasible():
+    """With -inf pairs and a feasible finite assignment, no token gets a -inf
+    cluster, and the total is within T*eps of the optimum."""
+    T, C = 256, 16
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(T, C, generator=g, dtype=torch.float64)
+    # token t may only use the 3 clusters t, t+1, t+2 (mod C): feasible
+    allowed = torch.zeros(T, C, dtype=torch.bool)
+    for k in range(3):
+        allowed[torch.arange(T), (torch.arange(T) + k) % C] = True
+    scores[~allowed] = float("-inf")
+    cluster = S.balanced_assignment(scores)
+    assert_balanced(cluster, T, C)
+    assert bool(allowed[torch.arange(T), cluster].all())
+    opt = scipy_opt(scores, forbidden_value=-1e6)
+    assert total(scores, cluster) >= opt - T * default_eps(scores) - 1e-9
+
+
+def test_neg_inf_tight():
+    """A -inf pattern with exactly one feasible assignment is solved exactly."""
+    T, C = 12, 3
+    scores = torch.full((T, C), float("-inf"))
+    want = torch.arange(T) % C
+    scores[torch.arange(T), want] = torch.randn(T)
+    assert torch.equal(S.balanced_assignment(scores), want)
+
+
+def test_neg_inf_infeasible_raises():
+    """Infeasible -inf patterns raise ValueError saying 'infeasible'."""
+    scores = torch.randn(8, 2)
+    scores[:5, 1] = float("-inf")            # 5 tokens need cluster 0, which holds 4
+    with pytest.raises(ValueError, match="infeasible"):
+        S.balanced_assignment(scores)
+    scores = torch.randn(8, 2)
+    scores[3] = float("-inf")                # a token with no allowed cluster
+    with pytest.raises(ValueError, match="infeasible"):
+        S.balanced_assignment(scores)
+    scores = torch.zeros(4, 1)
+    scores[2, 0] = float("-inf")             # C = 1
+    with pytest.raises(ValueError, match="infeasible"):
+        S.balanced_assignment(scores)
+
+
+# padding
+def pad_scores(real):
+    """real (n, C) followed by padding rows up to a multiple of C (and >= C), set by padding_scores."""
+    n, C = real.shape
+    T = max(C, -(-n // C) * C)
+    is_pad = torch.arange(T) >= n
+    return S.padding_scores(torch.cat([real, real.new_zeros(T - n, C)]), is_pad), n
+
+
+def _padded_case(n, C, seed, bias=0.0):
+    g = torch.Generator().manual_seed(seed)
+    real = torch.randn(n, C, generator=g, dtype=torch.float64) + bias * torch.randn(C, generator=g)
+    padded, n_real = pad_scores(real)
+    return real, padded, n_real
+
+
+def test_padding_scores():
+    """padding_scores sets every padding row to one constant below every real score and leaves
+    the real rows alone."""
+    real, padded, n = _padded_case(13, 4, 0)
+    assert n == 13 and padded.shape == (16, 4)
+    assert torch.equal(padded[:13], real)
+    pad = padded[13:]
+    assert bool((pad == pad[0, 0]).all()) and float(pad[0, 0]) < float(real.min())
+    assert pad_scores(torch.zeros(2, 4))[0].shape == (4, 4)
+
+
+@pytest.mark.parametrize("n,C,bias", [(10, 4, 0.0), (13, 4, 2.0), (61, 8, 2.0), (250, 16, 1.0),
+                                      (97, 32, 0.0)])
+def test_padding_never_displaces_real_tokens(n, C, bias):
+    """Padding is assigned last: a real token t in cluster a never prefers a
+    cluster b holding padding by more than 2*eps (s[t,b] <= s[t,a] + 2 eps), and
+    the real tokens' total is the optimum of the relaxed problem 'at most m
+    real tokens per cluster' (scipy on the n x T expanded matrix) within T*eps."""
+    real, padded, n_real = _padded_case(n, C, n + C, bias)
+    T = padded.shape[0]
+    eps = default_eps(padded)
+    cluster = S.balanced_assignment(padded)
+    assert_balanced(cluster, T, C)
+    c_real = cluster[:n_real]
+    has_pad = torch.zeros(C, dtype=torch.bool)
+    has_pad[cluster[n_real:]] = True
+    own = real[torch.arange(n_real), c_real]                               # [n]
+    gain = (real[:, has_pad] - own[:, None]).max() if has_pad.any() else -1.0
+    assert float(gain) <= 2 * eps + 1e-12
+    expanded = np.repeat(real.numpy(), T // C, axis=1)                      # [n, T]
+    r, c = linear_sum_assignment(expanded, maximize=True)
+    relaxed_opt = expanded[r, c].sum()
+    got = float(own.sum())
+    assert got <= relaxed_opt + 1e-9
+    assert got >= relaxed_opt - T * eps - 1e-9
+
+
+def test_padding_keeps_argmax_when_capacity_allows():
+    """When every real token's favourite cluster has room for all who want it,
+    each real token gets its favourite, i.e. padding pushes no one out."""
+    g = torch.Generator().manual_seed(7)
+    C = 8
+    fav = torch.arange(50) % C                                  # 6 or 7 real tokens per cluster
+    real = torch.rand(50, C, generator=g)
+    real[torch.arange(50), fav] += 2.0                          # clear favourite, margin > 1
+    padded, n_real = pad_scores(real)
+    assert padded.shape == (56, C)                              # m = 7: room for every favourite
+    cluster = S.balanced_assignment(padded)
+    assert torch.equal(cluster[:n_real], fav)
+
+
+# determinism and ties
+def test_deterministic():
+    """Same input gives the same output (twice, and for a copy), also with
+    heavy ties (scores in {0, 1, 2})."""
+    g = torch.Generator().manual_seed(11)
+    for scores in [torch.randn(512, 16, generator=g),
+                   torch.randint(0, 3, (512, 16), generator=g).float(),
+                   torch.zeros(64, 8)]:
+        a = S.balanced_assignment(scores)
+        b = S.balanced_assignment(scores)
+        c = S.balanced_assignment(scores.clone())
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_tie_break_lower_index_first():
+    """Documented ties: two identical tokens wanting the same single-slot
+    cluster, the lower token index gets it (among equal bids, lower index wins)."""
+    scores = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert S.balanced_assignment(scores).tolist() == [0, 1]
+
+
+def test_input_not_modified():
+    """The input tensor is left unchanged."""
+    scores = torch.randn(32, 4)
+    scores[0, 1] = float("-inf")
+    before = scores.clone()
+    S.balanced_assignment(scores)
+    assert torch.equal(scores, before)
+
+
+# errors
+def test_error_not_2d():
+    """Non-2-D input -> ValueError naming the shape."""
+    for bad in [torch.randn(8), torch.randn(2, 4, 2), torch.tensor(1.0)]:
+        with pytest.raises(ValueError, match="2-D"):
+            S.balanced_assignment(bad)
+
+
+def test_error_not_divisible():
+    """T % C != 0 -> ValueError naming T and C and telling how to pad."""
+    with pytest.raises(ValueError, match=r"T=10 .*C=4.*pad the tokens to T' = 12"):
+        S.balanced_assignment(torch.randn(10, 4))
+
+
+def test_error_fewer_tokens_than_clusters():
+    """T < C -> ValueError naming T and C and telling how to pad."""
+    with pytest.raises(ValueError, match=r"T=3 .*C=8.*pad the tokens to T' = 8"):
+        S.balanced_assignment(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="C=0"):
+        S.balanced_assignment(torch.randn(3, 0))
+
+
+def test_error_nan():
+    """NaN -> ValueError that suggests nan_to_num."""
+    scores = torch.randn(8, 2)
+    scores[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN.*nan_to_num"):
+        S.balanced_assignment(scores)
+
+
+def test_error_pos_inf_and_dtype_and_eps():
+    """+inf scores, integer dtype, and a non-positive or too small eps -> ValueError."""
+    scores = torch.randn(8, 2)
+    scores[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"\+inf"):
+        S.balanced_assignment(scores)
+    with pytest.raises(ValueError, match="floating point"):
+        S.balanced_assignment(torch.ones(8, 2, dtype=torch.long))
+    for bad_eps in [0.0, -1.0, float("nan"), float("inf")]:
+        with pytest.raises(ValueError, match="eps"):
+            S.balanced_assignment(torch.randn(8, 2), eps=bad_eps)
+    with pytest.raises(ValueError, match="too small"):
+        S.balanced_assignment(torch.randn(8, 2), eps=1e-300)
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        S.balanced_assignment(np.zeros((4, 2)))
+
+
+# ----------------------------------------------------------------------------
+# 8. Differentiable sorting
+
+
+def explicit_sort_matrix(scores, order, tau, pad=None):
+    """M = P + S - stopgrad(S) as an explicit (t, t) matrix: the definition, for small t."""
+    t, C = scores.shape
+    m = t // C
+    P = torch.zeros(t, t, dtype=scores.dtype)
+    P[torch.arange(t), order] = 1.0  # slot i holds token order[i]
+    logits = scores / tau
+    if pad is not None:
+        logits = logits.masked_fill(pad[:, None], torch.finfo(logits.dtype).min)
+    soft = logits.softmax(dim=0)  # (t, C)
+    S_rows = torch.stack([soft[:, i // m] / m for i in range(t)])  # (t, t): slot i owned by cluster i // m
+    return P + S_rows - S_rows.detach(), S_rows
+
+
+def _sort_case(t=12, C=3, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(t, C, generator=g, dtype=torch.float64)
+    x = torch.randn(t, d, generator=g, dtype=torch.float64)
+    pad = torch.arange(t) % 5 == 4
+    order = S.balanced_assignment(S.padding_scores(scores, pad)).sort(stable=True).indices
+    return scores, x, pad, order
+
+
+def test_sort_tokens_forward_is_the_hard_sort():
+    """The forward value of M X is exactly the sort P X (bit for bit): slot i holds token order[i]."""
+    scores, x, pad, order = _sort_case()
+    out = S.sort_tokens(x, scores.requires_grad_(), order, 0.5, pad)
+    assert_close(out, x[order], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_sort_tokens_gradient_equals_explicit_matrix(tau):
+    """The gradients of M X with respect to the scores and the inputs equal those obtained by
+    autograd through the explicit (t, t) matrix M = P + S - stopgrad(S)."""
+    scores, x, pad, order = _sort_case(seed=1)
+    cot = torch.randn(x.shape, dtype=torch.float64)
+    s1, x1 = scores.clone().requires_grad_(), x.clone().requires_grad_()
+    (S.sort_tokens(x1, s1, order, tau, pad) * cot).sum().backward()
+    s2, x2 = scores.clone().requires_grad_(), x.clone().requires_grad_()
+    M, _ = explicit_sort_matrix(s2, order, tau, pad)
+    ((M @ x2) * cot).sum().backward()
+    assert_close(s1.grad, s2.grad)
+    assert_close(x1.grad, x2.grad)
+    assert s1.grad.abs().sum() > 0  # the gradient reaches the router
+
+
+def test_sort_tokens_gradcheck():
+    """gradcheck in float64: the straight-through gradient of M X is the true derivative of the
+    soft relaxation P X + S X (checked by finite differences, adding stopgrad(S) X so that the
+    forward value is that relaxation)."""
+    scores, x, pad, order = _sort_case(t=8, C=2, d=3, seed=2)
+
+    def relaxed(s, x):
+        _, S_rows = explicit_sort_matrix(s, order, 0.5, pad)
+        return S.sort_tokens(x, s, order, 0.5, pad) + S_rows.detach() @ x  # value P X + S X
+
+    assert torch.autograd.gradcheck(relaxed, (scores.requires_grad_(), x.requires_grad_()))
+
+
+def test_sort_tokens_is_linear_in_t():
+    """No (t, t) matrix is ever built: sorting 200k tokens (a (t, t) float64 matrix would need
+    320 GB) runs forward and backward in a fraction of a second."""
+    t, C, d = 200_000, 4, 8
+    scores = torch.randn(t, C, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(t, d, dtype=torch.float64, requires_grad=True)
+    order = torch.randperm(t)
+    S.sort_tokens(x, scores, order, 0.5).sum().backward()
+    assert scores.grad.shape == (t, C) and x.grad.shape == (t, d)
+
+
+# ----------------------------------------------------------------------------
+# 9. Token clustering
+
+
+def reference_cluster(xs, pads, router, ffn_p, world, ranks_per_node, route_to, gate, tau, detach=False):
+    """Emulate the clustering layer of every rank with explicit (t, t) sort matrices and explicit
+    chunk exchange: per rank, the tokens that arrive (after x + FFN(x) or the sigmoid gate), their
+    padding mask, and what uncluster needs (order, shares)."""
+    W, G = world, ranks_per_node
+    chunks, orders, shares, counts = {}, [], [], []
+    for r in range(W):
+        x, t = xs[r], xs[r].shape[0]
+        pad_n = (-t) % W
+        xp = torch.cat([x, x.new_zeros(pad_n, x.shape[1])])
+        is_pad = torch.cat([pads[r], torch.ones(pad_n, dtype=torch.bool)])
+        scores = (xp.detach() if detach else xp) @ router.t()  # (t_pad, C)
+        cluster = S.balanced_assignment(S.padding_scores(scores.detach(), is_pad))
+        order = sorted(range(len(xp)), key=lambda i: (int(cluster[i]), i))
+        if gate == "softmax":
+            M, _ = explicit_sort_matrix(scores, torch.tensor(order), tau, is_pad)
+            sent = M @ xp
+        else:
+            sent = xp[order]
+        share = len(xp) // W
+        for j in range(W):
+            chunks[r, j] = (sent[j * share:(j + 1) * share], is_pad[order][j * share:(j + 1) * share])
+        orders.append(order)
+        shares.append(share)
+        counts.append(t)
+    ys, moved_pads = [], []
+    for j in range(W):
+        moved = torch.cat([chunks[r, j][0] for r in range(W)])
+        moved_pads.append(torch.cat([chunks[r, j][1] for r in range(W)]))
+        h = torch.stack([ffn(ffn_p, j, row) for row in moved]) if len(moved) else moved
+        if gate == "softmax":
+            ys.append(moved + h)
+        else:
+            w_c = router[j if route_to == "rank" else j // G]
+            g = torch.sigmoid((moved.detach() if detach else moved) @ w_c)[:, None]
+            ys.append(g * h + (1 - g) * moved)
+    return ys, moved_pads, (orders, shares, counts)
+
+
+def reference_uncluster(ys, how):
+    """Send every rank's chunks back to their source and undo each source's sort."""
+    orders, shares, counts = how
+    W = len(ys)
+    outs = []
+    for r in range(W):
+        start = sum(shares[:r])  # rank r's rows sit after those of ranks 0 .. r-1 on every destination
+        back = torch.cat([ys[j][start:start + shares[r]] for j in range(W)])
+        inverse = torch.empty(len(orders[r]), dtype=torch.long)
+        inverse[torch.tensor(orders[r], dtype=torch.long)] = torch.arange(len(orders[r]))
+        outs.append(back[inverse][:counts[r]])
+    return outs
+
+
+def make_cluster_params(seed, d, f, C, world):
+    g = torch.Generator().manual_seed(seed)
+    router = torch.randn(C, d, generator=g, dtype=torch.float64)
+    ffn_p = {"w1": torch.randn(world, d, f, generator=g, dtype=torch.float64) / math.sqrt(d),
+             "b1": torch.randn(world, 1, f, generator=g, dtype=torch.float64) * 0.1,
+             "w2": torch.randn(world, f, d, generator=g, dtype=torch.float64) / math.sqrt(f),
+             "b2": torch.randn(world, 1, d, generator=g, dtype=torch.float64) * 0.1}
+    return router, ffn_p
+
+
+def build_clustering(topo, d, f, route_to, gate, router, ffn_p):
+    layer = S.TokenClustering(d, f, topo, route_to=route_to, gate=gate, tau=0.5).double()
+    with torch.no_grad():
+        layer.router.weight.copy_(router)
+        for p in ("w1", "b1", "w2", "b2"):
+            getattr(layer.ffn, p).copy_(ffn_p[p][topo.rank:topo.rank + 1])
+    return layer
+
+
+def _cluster_roundtrip(route_to: str, gate: str):
+    topo = S.build_topology(2)
+    d, f = 6, 8
+    C = topo.world_size if route_to == "rank" else topo.num_nodes
+    router, ffn_p = make_cluster_params(10, d, f, C, topo.world_size)
+    case = make_case(11, COUNTS, S.MoEConfig(d_model=d, d_ffn=f, num_experts=4))
+    layer = build_clustering(topo, d, f, route_to, gate, router, ffn_p)
+    x = case.xs[topo.rank].clone().requires_grad_()
+    moved, plan = layer.cluster(x, case.pads[topo.rank])
+    # every rank receives t_pad / W tokens from every rank
+    padded = [t + (-t) % WORLD for t in COUNTS]
+    assert plan.recv_splits == [t // WORLD for t in padded] and plan.send_splits == [padded[topo.rank] // WORLD] * WORLD
+    back = S.uncluster(moved, plan, layer.ledger)
+    assert_close(back, x.detach(), rtol=0, atol=0)
+    # the ledger: the clustering all-to-all (rows of d float64 and a 1-byte mask per token) and its way back
+    rows = d * 8
+    for link in S.LINK_CLASSES:
+        out_rows = sum(s for j, s in enumerate(plan.send_splits) if topo.link(j) == link)
+        in_rows = sum(s for j, s in enumerate(plan.recv_splits) if topo.link(j) == link)
+        assert layer.ledger.total(link=link, direction="forward") == out_rows * (rows + 1) + in_rows * rows
+    (back * case.cots[topo.rank]).sum().backward()
+    for link in S.LINK_CLASSES:
+        out_rows = sum(s for j, s in enumerate(plan.send_splits) if topo.link(j) == link)
+        in_rows = sum(s for j, s in enumerate(plan.recv_splits) if topo.link(j) == link)
+        assert layer.ledger.total(link=link, direction="backward") == in_rows * rows + out_rows * rows
+    if gate == "sigmoid":  # the hard sort: the round trip's gradient is the identity
+        assert_close(x.grad, case.cots[topo.rank], rtol=0, atol=0)
+    else:  # differentiable sorting: the identity plus the path through the router's softmax
+        assert not torch.equal(x.grad, case.cots[topo.rank])
+
+
+@pytest.mark.parametrize("route_to", ["rank", "node"])
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+def test_cluster_then_uncluster_restores_every_token(workers, route_to, gate):
+    """Clustering then un-clustering returns every token to its rank and place exactly (padding
+    removed), with gradient the identity for the hard sort (the sigmoid gate); every rank receives t_pad / W tokens from each rank; the
+    ledger counts the split sizes' bytes (data and padding mask) by link, forward and backward."""
+    workers.run(_cluster_roundtrip, route_to, gate)
+
+
+def _cluster_stack(route_to: str, gate: str, detach: bool):
+    topo = S.build_topology(2)
+    W, G, d, f = topo.world_size, topo.ranks_per_node, 6, 8
+    C = W if route_to == "rank" else topo.num_nodes
+    router, ffn_p = make_cluster_params(20, d, f, C, W)
+    cfg = S.MoEConfig(d_model=d, d_ffn=f, num_experts=2 * W, ratio1=0.25, ratio2=0.5)
+    case1, case2 = make_case(21, COUNTS, cfg), make_case(22, COUNTS, cfg)
+    clustering = build_clustering(topo, d, f, route_to, gate, router, ffn_p)
+    seq1, seq2 = build("seq", cfg, topo, case1), build("seq", cfg, topo, case2)
+    x = case1.xs[topo.rank].clone().requires_grad_()
+    h, plan = clustering(x, case1.pads[topo.rank], detach_router_input=detach)
+    out1 = seq1(h, plan.pad_mask)
+    h = h + out1.y
+    out2 = seq2(h, plan.pad_mask)
+    y = S.uncluster(h + out2.y, plan, clustering.ledger)
+    ((y * case1.cots[topo.rank]).sum() + AUX_WEIGHT * (out1.aux_loss + out2.aux_loss)).backward()
+    grads = [clustering.router.weight.grad.clone(), seq1.router.weight.grad.clone(), seq2.router.weight.grad.clone()]
+    for grad in grads:
+        dist.all_reduce(grad)
+
+    # the reference: every rank emulated in one process
+    xs = [xx.clone().requires_grad_() for xx in case1.xs]
+    leaves = {"router": router.clone().requires_grad_(), **{k: v.clone().requires_grad_() for k, v in ffn_p.items()}}
+    p1 = {"router": case1.router.clone().requires_grad_(),
+          "all": {k: v.clone().requires_grad_() for k, v in case1.experts["all"].items()}}
+    p2 = {"router": case2.router.clone().requires_grad_(),
+          "all": {k: v.clone().requires_grad_() for k, v in case2.experts["all"].items()}}
+    hs, moved_pads, how = reference_cluster(xs, case1.pads, leaves["router"], leaves, W, G, route_to, gate, 0.5, detach)
+    ys1, aux1 = reference_forward("seq", hs, moved_pads, p1["router"], {"all": p1["all"]}, cfg, W, G)
+    hs = [a + b for a, b in zip(hs, ys1)]
+    ys2, aux2 = reference_forward("seq", hs, moved_pads, p2["router"], {"all": p2["all"]}, cfg, W, G)
+    outs = reference_uncluster([a + b for a, b in zip(hs, ys2)], how)
+    loss = sum((o * cot).sum() for o, cot in zip(outs, case1.cots)) + AUX_WEIGHT * (sum(aux1) + sum(aux2))
+    loss.backward()
+
+    r, n = topo.rank, cfg.num_experts // W
+    assert_close(y, outs[r].detach())
+    assert_close(x.grad, xs[r].grad)
+    assert_close(grads[0], leaves["router"].grad)
+    assert_close(grads[1], p1["router"].grad)
+    assert_close(grads[2], p2["router"].grad)
+    for p in ("w1", "b1", "w2", "b2"):
+        assert_close(getattr(clustering.ffn, p).grad, leaves[p].grad[r:r + 1])
+        assert_close(getattr(seq1.experts, p).grad, p1["all"][p].grad[r * n:(r + 1) * n])
+        assert_close(getattr(seq2.experts, p).grad, p2["all"][p].grad[r * n:(r + 1) * n])
+    assert grads[0].abs().sum() > 0  # the gradient reaches the clustering router
+    return float(grads[0].abs().sum())
+
+
+@pytest.mark.parametrize("route_to, gate, detach", [("rank", "softmax", False), ("node", "softmax", False),
+                                                    ("node", "sigmoid", False),
+                                                    ("rank", "sigmoid", False), ("node", "softmax", True)])
+def test_cluster_seq_seq_uncluster_matches_reference(workers, route_to, gate, detach):
+    """A stack clustering -> Seq -> Seq -> uncluster on 2 nodes x 2 ranks equals a single process
+    emulating every rank (explicit sort matrices, explicit chunk exchange): outputs and gradients of
+    the inputs, the clustering router and FFN, both Seq routers and their experts. The gradient
+    reaches the clustering router (through the softmax of the differentiable sort, or the sigmoid
+    gate), also with the router reading detached inputs (the decoder's setting)."""
+    workers.run(_cluster_stack, route_to, gate, detach)
+
+
+def test_clustering_errors():
+    """Bad clustering settings are ValueErrors that name the value."""
+    topo = S.build_topology()
+    with pytest.raises(ValueError, match="route_to='device'"):
+        S.TokenClustering(4, 4, topo, route_to="device")
+    with pytest.raises(ValueError, match="gate='relu'"):
+        S.TokenClustering(4, 4, topo, gate="relu")
+    with pytest.raises(ValueError, match="tau=0"):
+        S.TokenClustering(4, 4, topo, tau=0)
+
+
+def test_clustering_on_one_rank_is_the_identity_move():
+    """On a world of one, clustering moves nothing (the plan is the identity sort over one cluster)
+    and uncluster returns the layer's output rows in token order."""
+    topo = S.build_topology()
+    layer = S.TokenClustering(4, 8, topo).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    moved, plan = layer.cluster(x)
+    assert_close(moved, x, rtol=0, atol=0)
+    assert_close(S.uncluster(moved, plan), x, rtol=0, atol=0)
+    assert layer.ledger.total() == 0

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -32,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to run
     p.add_argument("--trace", action="store_true", help="print each token's tier, experts and ranks, and the bytes per link")
+    p.add_argument("--bench-assign", action="store_true",
+                   help="time balanced_assignment against scipy's exact solver (needs scipy), in this process")
     p.add_argument("--moe", default="seq", choices=["gshard", "seq", "feat"], help="MoE layer kind")
     # SCoMoE
     p.add_argument("--ratio1", type=float, default=0.2, help="alpha: share of tokens (Seq) or width (Feat) kept on the device")
@@ -44,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ranks per (emulated) node; default 2 when spawning, LOCAL_WORLD_SIZE under torchrun")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="cuda under torchrun when available")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--reps", type=int, default=15, help="timed repetitions per benchmark case (after a warm-up)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective fails")
     args = p.parse_args(argv)
     check_args(args, p)
@@ -175,10 +180,59 @@ def trace(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> N
             print(f"{tier:<6} {dirn:<9} " + " ".join(f"{b:>13,}" for b in total))
 
 
+# ----------------------------------------------------------------------------
+# Benchmarks
+
+
+def timed(fn, reps: int) -> tuple[float, float, object]:
+    """(median, min) seconds of fn() over reps runs after one warm-up, and its last result."""
+    out = fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times), out
+
+
+def bench_assign(args: argparse.Namespace) -> None:
+    """balanced_assignment against scipy's linear_sum_assignment on the expanded (T, T) matrix."""
+    try:
+        import numpy as np
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        sys.exit("--bench-assign compares against scipy: pip install scipy")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 standard-normal scores; "
+          f"ours: median of {args.reps}, scipy: median of 3 (T <= 4096)")
+    print("| T | C | ours (ms) | scipy (ms) | scipy / ours | gap (OPT - ours) / OPT | T*eps bound / OPT |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for T in (1024, 4096, 16384):
+        for C in (8, 16, 32):
+            g = torch.Generator().manual_seed(1000 * T + C)
+            scores = torch.randn(T, C, generator=g)  # (T, C)
+            ours, _, cluster = timed(lambda: S.balanced_assignment(scores), args.reps)
+            s64 = scores.double()
+            got = float(s64[torch.arange(T), cluster].sum())
+            row = f"| {T} | {C} | {ours * 1e3:.1f} |"
+            if T <= 4096:
+                expanded = np.repeat(s64.numpy(), T // C, axis=1)  # (T, T): cluster c repeated T / C times
+                exact, _, (r, c) = timed(lambda: linear_sum_assignment(expanded, maximize=True), 3)
+                opt = float(expanded[r, c].sum())
+                bound = T * float(s64.max() - s64.min()) / (T + 1)  # T * eps with the default eps
+                row += f" {exact * 1e3:.0f} | {exact / ours:.1f}x | {(opt - got) / opt:.1e} | {bound / opt:.1e} |"
+            else:
+                row += " - | - | - | - |"
+            print(row, flush=True)
+
+
 def run(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> None:
     if args.trace:
         trace(args, topo, device)
 
 
 if __name__ == "__main__":
-    launch(parse_args(sys.argv[1:]))
+    args = parse_args(sys.argv[1:])
+    if args.bench_assign:
+        bench_assign(args)
+    else:
+        launch(args)
