@@ -1155,11 +1155,13 @@ class TokenClustering(nn.Module):
     applies x + FFN(x) (gate="softmax", trained through differentiable sorting) or
     BASE layers' sigmoid gate sigmoid(x.w_c) FFN(x) + (1 - sigmoid(x.w_c)) x
     (gate="sigmoid"). Returns the moved tokens and the ClusterPlan; `uncluster`
-    sends them back after the last MoE layer.
+    sends them back after the last MoE layer. With pre_norm, the router and the
+    FFN read LayerNorm(x) while x itself (a pre-LN Transformer's residual stream)
+    is what moves: x + FFN(LN(x)).
     """
 
     def __init__(self, d_model: int, d_ffn: int, topology: Topology, *, route_to: str = "rank",
-                 gate: str = "softmax", tau: float = 0.5, activation: str = "relu") -> None:
+                 gate: str = "softmax", tau: float = 0.5, activation: str = "relu", pre_norm: bool = False) -> None:
         super().__init__()
         if route_to not in ("rank", "node"):
             raise ValueError(f"route_to={route_to!r} must be 'rank' (one cluster per rank) or 'node'")
@@ -1171,6 +1173,7 @@ class TokenClustering(nn.Module):
         self.num_clusters = topology.world_size if route_to == "rank" else topology.num_nodes
         self.router = nn.Linear(d_model, self.num_clusters, bias=False)  # W_c: one column per cluster
         self.ffn = Experts(1, d_model, d_ffn, activation)  # this rank's FFN
+        self.norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
         self.ledger = CommLedger()
 
     def cluster(self, x: Tensor, pad_mask: Optional[Tensor] = None,
@@ -1185,7 +1188,7 @@ class TokenClustering(nn.Module):
         is_pad[t:] = True
         if pad_mask is not None:
             is_pad[:t] = pad_mask
-        scores = self.router(x.detach() if detach_router_input else x)  # (t_pad, C)
+        scores = self.router(self.norm(x.detach() if detach_router_input else x))  # (t_pad, C)
         share = (t + pad) // W  # tokens this rank sends to each rank
         if t + pad == 0:
             order = torch.zeros(0, dtype=torch.long, device=x.device)
@@ -1208,12 +1211,13 @@ class TokenClustering(nn.Module):
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None,
                 detach_router_input: bool = False) -> tuple[Tensor, ClusterPlan]:
         moved, plan = self.cluster(x, pad_mask, detach_router_input)  # (t_recv, d)
-        h = self.ffn(moved[None])[0]  # (t_recv, d)
+        z = self.norm(moved)  # (t_recv, d)
+        h = self.ffn(z[None])[0]  # (t_recv, d)
         if self.gate == "softmax":
             return moved + h, plan  # x + FFN(x)
         mine = self.topology.rank if self.route_to == "rank" else self.topology.node_rank
         w_c = self.router.weight[mine]  # (d,): this rank's cluster
-        g = torch.sigmoid((moved.detach() if detach_router_input else moved) @ w_c)[:, None]  # (t_recv, 1)
+        g = torch.sigmoid((z.detach() if detach_router_input else z) @ w_c)[:, None]  # (t_recv, 1)
         return g * h + (1 - g) * moved, plan  # sigmoid(x.w_c) FFN(x) + (1 - sigmoid(x.w_c)) x
 
 

@@ -10,10 +10,15 @@ applied to every token it serves. Comparisons are in float64.
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import socket
+import subprocess
+import sys
+import time
 import traceback
+from pathlib import Path
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -28,6 +33,7 @@ from scipy.optimize import linear_sum_assignment
 from torch.testing import assert_close
 
 import scomoe as S
+import train_toy as T
 
 WORLD = 4
 AUX_WEIGHT = 0.1  # weight of the auxiliary loss in the test loss, so its gradient is checked too
@@ -1350,3 +1356,140 @@ def test_clustering_on_one_rank_is_the_identity_move():
     assert_close(moved, x, rtol=0, atol=0)
     assert_close(S.uncluster(moved, plan), x, rtol=0, atol=0)
     assert layer.ledger.total() == 0
+
+
+# ----------------------------------------------------------------------------
+# train_toy.py: the trainer
+
+HERE = Path(__file__).resolve().parent
+TINY = ["--d-model", "16", "--d-ffn", "32", "--layers", "2", "--batch", "8", "--eval-sentences", "16",
+        "--log-every", "5", "--warmup", "5"]
+RESULT_KEYS = {"moe", "token_cluster", "ratio1", "ratio2", "world_size", "ranks_per_node", "steps", "final_loss",
+               "bleu", "step_time_s", "bytes_per_step"}
+
+
+def run_trainer(out: Path, *args: str) -> tuple[list[dict], str]:
+    """Run train_toy.py as a user would (4 spawned CPU processes by default); results.json and stdout."""
+    proc = subprocess.run([sys.executable, "train_toy.py", *TINY, *args, "--out", str(out)], cwd=HERE,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), proc.stdout
+
+
+def test_training_on_4_processes_lowers_the_loss(tmp_path):
+    """Seq with token clustering, trained on 4 CPU processes as 2 nodes x 2, lowers the loss; results.json
+    holds the contract's keys, with bytes per link class summed over ranks (inter-node > 0 on 2 nodes)."""
+    [result], stdout = run_trainer(tmp_path, "--moe", "seq", "--token-cluster", "--steps", "40")
+    losses = result["losses"]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert RESULT_KEYS <= set(result) and set(result["bytes_per_step"]) == {"intra_device", "intra_node", "inter_node"}
+    assert result["world_size"] == 4 and result["ranks_per_node"] == 2 and result["token_cluster"]
+    assert result["bytes_per_step"]["inter_node"] > 0 and 0 <= result["bleu"] <= 100
+    assert "step 40/40" in stdout and "MB/step" in stdout and "ETA" in stdout
+
+
+def test_demo_trains_every_variant_and_writes_the_table(tmp_path):
+    """Without --moe the demo trains GShard, Seq, Feat and Seq + clustering, prints the table with
+    the speed-up against GShard, and writes one results.json entry per variant."""
+    results, stdout = run_trainer(tmp_path, "--steps", "3", "--eval-sentences", "4")
+    assert [r["variant"] for r in results] == ["gshard", "seq", "feat", "seq+cluster"]
+    for r in results:
+        assert RESULT_KEYS <= set(r) and r["steps"] == 3
+    assert "speed-up" in stdout and "1.00x" in stdout
+
+
+def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
+    """A run stopped at a checkpoint and resumed produces exactly the loss sequence of a run that was
+    never interrupted (same data, optimizer state, RNG); shared parameters are saved once, each rank's
+    experts, optimizer and RNG in its own file."""
+    args = ["--moe", "seq", "--token-cluster", "--ckpt-every", "4"]
+    [straight], _ = run_trainer(tmp_path / "a", *args, "--steps", "8")
+    run_trainer(tmp_path / "b", *args, "--steps", "4")
+    [resumed], stdout = run_trainer(tmp_path / "b", *args, "--steps", "8", "--resume")
+    assert "resumed from step 4" in stdout
+    assert resumed["losses"] == straight["losses"]
+    files = sorted(p.name for p in (tmp_path / "b" / "ckpt" / "seq+cluster" / "step000008").iterdir())
+    assert files == ["rank0.pt", "rank1.pt", "rank2.pt", "rank3.pt", "shared.pt"]
+
+
+def test_corpus_bleu_matches_sacrebleu():
+    """corpus_bleu equals sacrebleu's corpus BLEU (tokenize="none", exp smoothing and none) on random
+    corpora, a perfect match, no overlap, short hypotheses (brevity penalty) and ones without 4-gram matches."""
+    import sacrebleu  # the trusted reference; installed for the tests only
+    g = np.random.default_rng(0)
+    corpora = []
+    for _ in range(8):
+        refs = [[f"w{x}" for x in g.integers(0, 6, g.integers(1, 12))] for _ in range(20)]
+        hyps = [[w if g.random() < 0.7 else f"w{g.integers(0, 6)}" for w in r][:g.integers(1, len(r) + 2)] for r in refs]
+        corpora.append((hyps, refs))
+    refs = [["a", "b", "c", "d", "e"], ["f", "g", "h", "i"]]
+    corpora += [(refs, refs), ([["x", "y"], ["z"]], refs), ([["a", "b"], ["f"]], refs),
+                ([["a", "c", "b", "e", "d"], ["f", "h", "g", "i"]], refs)]
+    for hyps, refs in corpora:
+        for smooth in ("exp", "none"):
+            expect = sacrebleu.corpus_bleu([" ".join(h) for h in hyps], [[" ".join(r) for r in refs]],
+                                           tokenize="none", smooth_method=smooth).score
+            assert abs(T.corpus_bleu(hyps, refs, smooth) - expect) < 1e-6, (smooth, hyps, refs)
+
+
+def test_task_is_deterministic_and_follows_its_rules():
+    """The task is a function of its seed; train and valid share no source sentence; every target is
+    the source reordered by its language's rule and substituted word by word."""
+    a, b = T.make_task(T.TaskConfig(seed=3)), T.make_task(T.TaskConfig(seed=3))
+    assert a.train == b.train and a.valid == b.valid and a.train != T.make_task(T.TaskConfig(seed=4)).train
+    assert not {s for s, _ in a.train} & {s for s, _ in a.valid}
+    src0 = 3 + a.cfg.languages
+    for src, tgt in a.train[:200] + a.valid[:50]:
+        lang = src[0] - 3
+        words = [w - src0 for w in src[1:]]
+        assert tgt == tuple(t for w in T.reorder(a.orders[lang], words) for t in a.subst[lang][w])
+    assert T.reorder("swap_pairs", [1, 2, 3, 4, 5]) == [2, 1, 4, 3, 5]
+    assert T.reorder("swap_halves", [1, 2, 3, 4, 5]) == [3, 4, 5, 1, 2]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ratio1", "0.7", "--ratio2", "0.5"], "ratio1 \\+ ratio2"),
+    (["--nproc", "4", "--ranks-per-node", "3"], "--ranks-per-node 3 does not divide the 4 ranks"),
+    (["--capacity-factor", "0"], "capacity_factor=0.0 must be > 0"),
+    (["--experts-per-rank", "0"], "--experts-per-rank 0"),
+    (["--moe", "dense", "--token-cluster"], "--token-cluster needs MoE layers"),
+    (["--moe", "feat", "--ratio1", "0.01"], "the local slice of d_model=64"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--steps", "0"], "--device cuda|--steps 0"),
+])
+def test_cli_errors(argv, message, capsys):
+    """Bad command-line values stop the program with a message naming the value, before any process starts."""
+    with pytest.raises(SystemExit):
+        T.parse_args(argv)
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def _timeout_worker(rank: int, port: int, report, release) -> None:
+    args = T.parse_args(["--nproc", "2", "--timeout", "3"])
+    topo, _ = T.init_distributed(args, rank, 2, port)
+    if rank == 0:
+        start = time.perf_counter()
+        try:
+            S.all_to_all(torch.zeros(2, 3), topo.world)
+            report.put(("completed", time.perf_counter() - start))
+        except Exception as e:  # noqa: BLE001 - the point is that something is raised
+            report.put((f"{type(e).__name__}: {e}", time.perf_counter() - start))
+    else:
+        release.wait(60)  # never joins the collective
+
+
+def test_a_collective_that_cannot_complete_fails_after_the_timeout():
+    """With --timeout 3, an all-to-all that a rank never joins raises an error on the other rank after
+    about the timeout, instead of hanging."""
+    ctx = mp.get_context("spawn")
+    report, release = ctx.Queue(), ctx.Event()
+    port = _free_port()
+    procs = [ctx.Process(target=_timeout_worker, args=(r, port, report, release), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    outcome, elapsed = report.get(timeout=90)
+    release.set()
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    assert outcome != "completed" and 2.5 < elapsed < 30, (outcome, elapsed)

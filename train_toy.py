@@ -1,83 +1,411 @@
-"""Run SCoMoE layers on CPU processes, under torchrun on GPUs, or across nodes.
+"""Train a small SCoMoE Transformer on a synthetic multilingual translation task.
 
 Launch (one code path; a single rank simply skips communication):
-  python train_toy.py --trace                       # 4 CPU processes as 2 emulated nodes (gloo)
-  python train_toy.py --trace --nproc 4 --ranks-per-node 4
-  torchrun --nproc_per_node=2 train_toy.py --trace  # GPUs with NCCL (gloo on CPU)
+  python train_toy.py                                # the classroom demo: GShard, Seq, Feat and
+                                                     # Seq + clustering on 4 CPU processes as 2 nodes
+  python train_toy.py --moe seq --token-cluster      # one variant
+  python train_toy.py --nproc 4 --ranks-per-node 4   # 4 processes on one node
+  torchrun --nproc_per_node=2 train_toy.py --moe seq # GPUs with NCCL (gloo on CPU)
+  torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=A train_toy.py ...
+  python train_toy.py --trace                        # each token's tier, experts, ranks; bytes per link
+  python train_toy.py --bench-assign                 # the auction against scipy's exact solver
 
---trace runs one MoE layer on a tiny batch and prints, for every token, its tier,
-experts and their ranks, then the bytes each tier's all-to-alls handed to each
-link class (intra-device, intra-node, inter-node).
+Without torchrun the script spawns --nproc CPU processes (gloo, a free localhost
+port) with --ranks-per-node ranks on each emulated node. Under torchrun it reads
+RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; --ranks-per-node overrides
+LOCAL_WORLD_SIZE to emulate nodes. Rank 0 prints one line every few steps and
+writes <out>/results.json (and a PNG when matplotlib is there).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import socket
 import statistics
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 import scomoe as S
 
 # ----------------------------------------------------------------------------
-# Command line
+# The task: one source language translated into several target languages
+#
+# A shared source vocabulary of content words w_0 .. w_{S-1} drawn with Zipf
+# frequencies. Each target language l has its own words and its own rule:
+#   tgt = concat(subst_l[w] for w in order_l(src))
+# subst_l is a random bijection onto l's words, except a few source words that
+# emit two words (word + particle) and a few that emit none; order_l is one of
+# ORDER_RULES. The source starts with a language tag. The same source word needs
+# a different output in every language, so experts that specialise by language
+# help, and routing locality can cost quality.
+
+PAD, BOS, EOS = 0, 1, 2
+ORDER_RULES = ("keep", "reverse", "swap_pairs", "last_first", "first_last", "swap_halves")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # what to run
-    p.add_argument("--trace", action="store_true", help="print each token's tier, experts and ranks, and the bytes per link")
-    p.add_argument("--bench-assign", action="store_true",
-                   help="time balanced_assignment against scipy's exact solver (needs scipy), in this process")
-    p.add_argument("--moe", default="seq", choices=["gshard", "seq", "feat"], help="MoE layer kind")
-    # SCoMoE
-    p.add_argument("--ratio1", type=float, default=0.2, help="alpha: share of tokens (Seq) or width (Feat) kept on the device")
-    p.add_argument("--ratio2", type=float, default=0.5, help="beta: share served inside the node")
-    p.add_argument("--experts-per-rank", type=int, default=2, help="experts on each rank (E = this * world size)")
-    p.add_argument("--capacity-factor", type=float, default=1.0, help="C = ceil(capacity_factor * 2 * tokens / experts)")
-    # processes
-    p.add_argument("--nproc", type=int, default=4, help="CPU processes to spawn when not under torchrun")
-    p.add_argument("--ranks-per-node", type=int, default=None,
-                   help="ranks per (emulated) node; default 2 when spawning, LOCAL_WORLD_SIZE under torchrun")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="cuda under torchrun when available")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--reps", type=int, default=15, help="timed repetitions per benchmark case (after a warm-up)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective fails")
-    args = p.parse_args(argv)
-    check_args(args, p)
-    return args
+@dataclass(frozen=True)
+class TaskConfig:
+    seed: int = 0  # rules, sentences and the train/valid split all derive from it
+    languages: int = 4  # target languages (language pairs)
+    src_words: int = 48  # size of the shared source vocabulary
+    min_len: int = 4  # source sentence length range, in words
+    max_len: int = 12
+    zipf: float = 1.0  # p(word of rank k) ~ 1 / k^zipf
+    split_words: int = 3  # per language: source words that become two target words
+    drop_words: int = 2  # per language: source words that become none
+    train: int = 4000  # training pairs (all languages)
+    valid: int = 400  # validation pairs
 
 
-def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
-    """Reject bad values before any process starts."""
-    if "RANK" not in os.environ:
-        if args.nproc < 1:
-            p.error(f"--nproc {args.nproc}: need at least one process")
-        rpn = args.ranks_per_node or min(2, args.nproc)
-        if args.nproc % rpn != 0:
-            p.error(f"--nproc {args.nproc} is not divisible by --ranks-per-node {rpn}: every node holds the same number of ranks")
-    if args.experts_per_rank < 1:
-        p.error(f"--experts-per-rank {args.experts_per_rank}: need at least one expert per rank")
-    try:
-        S.MoEConfig(d_model=8, d_ffn=8, num_experts=1, capacity_factor=args.capacity_factor,
-                    ratio1=args.ratio1, ratio2=args.ratio2)
-    except ValueError as e:
-        p.error(str(e))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible; use --device cpu")
-    if args.device == "cuda" and "RANK" not in os.environ and args.nproc > 1:
-        p.error("--device cuda with several processes: launch with torchrun (spawned processes run on the CPU)")
+@dataclass(frozen=True)
+class Task:
+    cfg: TaskConfig
+    vocab: int  # size of the joint vocabulary (specials, tags, source words, every target block)
+    itos: tuple[str, ...]  # token id -> string ("fr_12")
+    subst: tuple[tuple[tuple[int, ...], ...], ...]  # subst[l][w]: target ids of source word w
+    orders: tuple[str, ...]  # order rule of each language
+    train: list[tuple[tuple[int, ...], tuple[int, ...]]]  # (src ids with tag, tgt ids), no bos/eos
+    valid: list[tuple[tuple[int, ...], tuple[int, ...]]]
+
+    def max_target_len(self) -> int:
+        return max(len(t) for _, t in self.train + self.valid)
+
+
+def reorder(order: str, xs: Sequence[int]) -> list[int]:
+    """[1, 2, 3, 4, 5] -> keep: same; reverse: [5,4,3,2,1]; swap_pairs: [2,1,4,3,5];
+    last_first: [5,1,2,3,4]; first_last: [2,3,4,5,1]; swap_halves: [3,4,5,1,2]."""
+    xs, n = list(xs), len(xs)
+    if order == "reverse":
+        return xs[::-1]
+    if order == "swap_pairs":
+        return [xs[i ^ 1] if (i ^ 1) < n else xs[i] for i in range(n)]
+    if order == "last_first":
+        return xs[-1:] + xs[:-1]
+    if order == "first_last":
+        return xs[1:] + xs[:1]
+    if order == "swap_halves":
+        return xs[n // 2:] + xs[:n // 2]
+    return xs
+
+
+def make_task(cfg: TaskConfig) -> Task:
+    """The task, deterministically from cfg.seed (numpy PCG64 streams, no global RNG)."""
+    L, Sw = cfg.languages, cfg.src_words
+    names = [("fr", "de", "es", "ja", "ru", "zh", "ko", "ar")[l] if l < 8 else f"x{l}" for l in range(L)]
+    per_lang = Sw + cfg.split_words  # target words of one language (with particles)
+    tag0, src0 = 3, 3 + L
+    tgt0 = [src0 + Sw + l * per_lang for l in range(L)]
+    itos = ("<pad>", "<s>", "</s>", *[f"<2{n}>" for n in names], *[f"w_{i}" for i in range(Sw)],
+            *[f"{n}_{j}" for n in names for j in range(per_lang)])
+    rule_rng, sent_rng, lang_rng = (np.random.Generator(np.random.PCG64(s))
+                                    for s in np.random.SeedSequence(cfg.seed).spawn(3))
+    subst = []
+    for l in range(L):
+        perm = rule_rng.permutation(Sw)  # source word i -> target word perm[i]
+        special = 4 + rule_rng.permutation(Sw - 4)[:cfg.split_words + cfg.drop_words]  # never the 4 most frequent
+        split = {int(w): j for j, w in enumerate(special[:cfg.split_words])}
+        drop = {int(w) for w in special[cfg.split_words:]}
+        subst.append(tuple(() if i in drop else (tgt0[l] + int(perm[i]), tgt0[l] + Sw + split[i]) if i in split
+                           else (tgt0[l] + int(perm[i]),) for i in range(Sw)))
+    orders = tuple(ORDER_RULES[l % len(ORDER_RULES)] for l in range(L))
+
+    p = 1.0 / np.arange(1, Sw + 1) ** cfg.zipf  # Zipf frequencies
+    sentences, seen = [], set()
+    while len(sentences) < cfg.train + cfg.valid:  # unique sentences: train and valid never overlap
+        n = int(sent_rng.integers(cfg.min_len, cfg.max_len + 1))
+        s = tuple(int(w) for w in sent_rng.choice(Sw, size=n, p=p / p.sum()))
+        if s not in seen and all(any(subst[l][w] for w in s) for l in range(L)):
+            seen.add(s)
+            sentences.append(s)
+    langs = lang_rng.permutation(np.arange(cfg.train + cfg.valid) % L)  # balanced languages
+    pairs = [((tag0 + int(l),) + tuple(src0 + w for w in s),
+              tuple(t for w in reorder(orders[l], s) for t in subst[l][w])) for s, l in zip(sentences, langs)]
+    return Task(cfg, len(itos), itos, tuple(subst), orders, pairs[:cfg.train], pairs[cfg.train:])
+
+
+def collate(pairs: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[Tensor, Tensor, Tensor]:
+    """src [tag, w.., eos], tgt_in [bos, t..], tgt_out [t.., eos], right-padded: (B, S), (B, T), (B, T)."""
+    S_len = max(len(s) for s, _ in pairs) + 1
+    T_len = max(len(t) for _, t in pairs) + 1
+    src = torch.full((len(pairs), S_len), PAD, dtype=torch.long)
+    tgt_in = torch.full((len(pairs), T_len), PAD, dtype=torch.long)
+    tgt_out = torch.full((len(pairs), T_len), PAD, dtype=torch.long)
+    for b, (s, t) in enumerate(pairs):
+        src[b, :len(s) + 1] = torch.tensor([*s, EOS])
+        tgt_in[b, :len(t) + 1] = torch.tensor([BOS, *t])
+        tgt_out[b, :len(t) + 1] = torch.tensor([*t, EOS])
+    return src, tgt_in, tgt_out
+
+
+def train_batch(task: Task, step: int, rank: int, world: int, batch: int, seed: int):
+    """This rank's batch at `step`: a pure function of the step, so that a resumed run sees the same data.
+
+    Each epoch is a permutation of the training pairs seeded by (seed, epoch); step s
+    takes the s-th block of world * batch pairs, and rank r its r-th slice.
+    """
+    per_epoch = len(task.train) // (world * batch)
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch]))).permutation(len(task.train))
+    start = (i * world + rank) * batch
+    return collate([task.train[j] for j in order[start:start + batch]])
 
 
 # ----------------------------------------------------------------------------
-# Distributed setup: spawned CPU processes or torchrun
+# BLEU (Papineni et al. 2002): corpus BLEU-4 with brevity penalty, as sacrebleu computes it
+
+
+def corpus_bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+                smooth: str = "exp") -> float:
+    """Corpus BLEU-4 in [0, 100] on tokenised sentences, one reference each.
+
+    BLEU = 100 * BP * exp(1/4 sum_n log p_n), p_n = clipped n-gram matches / hypothesis n-grams
+    summed over the corpus, BP = exp(1 - r / c) if c < r else 1 (c, r: hypothesis and reference
+    lengths). smooth="exp" (sacrebleu's default): an order with no match counts as
+    p_n = 1 / (2^k * total_n) for the k-th such order; smooth="none": it makes BLEU 0.
+    Equals sacrebleu.corpus_bleu(..., tokenize="none", smooth_method=smooth).
+    """
+    matches, totals, c, r = [0] * 4, [0] * 4, 0, 0
+    for hyp, ref in zip(hypotheses, references):
+        c, r = c + len(hyp), r + len(ref)
+        for n in range(1, 5):
+            h = Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
+            g = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+            matches[n - 1] += sum(min(k, g[ngram]) for ngram, k in h.items())
+            totals[n - 1] += max(len(hyp) - n + 1, 0)
+    if c == 0 or matches[0] == 0 or min(totals) == 0:
+        return 0.0
+    log_p, k = 0.0, 0
+    for m, t in zip(matches, totals):
+        if m == 0:
+            if smooth != "exp":
+                return 0.0
+            k += 1
+            log_p += math.log(1.0 / (2**k * t))
+        else:
+            log_p += math.log(m / t)
+    brevity = 1.0 if c >= r else math.exp(1.0 - r / c)
+    return 100.0 * brevity * math.exp(log_p / 4)
+
+
+# ----------------------------------------------------------------------------
+# The model: a small pre-LN Transformer encoder-decoder with MoE FFNs
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab: int  # joint vocabulary
+    d_model: int = 64  # width
+    heads: int = 4  # attention heads
+    d_ffn: int = 128  # hidden width of the dense FFNs and of every expert
+    layers: int = 4  # encoder layers, and decoder layers
+    max_len: int = 64  # learned positions
+    dropout: float = 0.1
+    moe: str = "gshard"  # "dense", "gshard", "seq" or "feat": the FFN of every other layer
+    token_cluster: bool = False  # the layer order of PAPER.md, clustering at the first MoE layer
+    cluster_gate: str = "softmax"  # "softmax" (differentiable sorting) or "sigmoid" (BASE layers)
+    route_to: str = "rank"  # clusters are ranks or nodes
+    moe_cfg: Optional[S.MoEConfig] = None  # the MoE layers' settings (None for dense)
+
+
+def layer_plan(layers: int, moe: str, token_cluster: bool, decoder: bool) -> list[str]:
+    """The sublayers of one stack, in order: "self", "cross", "ffn", "moe", "cluster".
+
+    Without clustering, layers alternate dense and MoE FFNs (MoE in every other layer).
+    With clustering (PAPER.md): the dense layers, then the attention of the MoE layers,
+    then one dense FFN, then the MoE FFNs; the first MoE FFN is the clustering layer.
+    """
+    attention = ["self", "cross"] if decoder else ["self"]
+    n_moe = layers // 2 if moe != "dense" else 0
+    if not token_cluster:
+        return [s for i in range(layers) for s in attention + ["moe" if i % 2 == 1 and n_moe else "ffn"]]
+    plan = [s for _ in range(layers - n_moe) for s in attention + ["ffn"]]
+    plan += [s for _ in range(n_moe) for s in attention] + ["ffn"]
+    return plan + ["cluster"] + ["moe"] * (n_moe - 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm = nn.LayerNorm(d)
+        self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+
+    def forward(self, x: Tensor, memory: Optional[Tensor], mask: Tensor) -> Tensor:
+        """x + attention(LN(x), memory or LN(x)); mask (B, 1, Tq, Tk) True where allowed."""
+        B, Tq, d = x.shape
+        h = self.norm(x)
+        kv_in = h if memory is None else memory
+        q = self.q(h).view(B, Tq, self.heads, -1).transpose(1, 2)  # (B, heads, Tq, dh)
+        k, v = self.kv(kv_in).view(B, kv_in.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, heads, Tk, dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return x + F.dropout(self.out(y.transpose(1, 2).reshape(B, Tq, d)), self.dropout, self.training)
+
+
+class FFN(nn.Module):
+    def __init__(self, d: int, d_ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = dropout
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, d_ffn), nn.Linear(d_ffn, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + F.dropout(self.fc2(F.relu(self.fc1(self.norm(x)))), self.dropout, self.training)
+
+
+class MoEFFN(nn.Module):
+    """x + MoE(LN(x)) on flat tokens; padding tokens are not routed."""
+
+    def __init__(self, cfg: ModelConfig, topo: S.Topology) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.moe = {"gshard": S.GShardMoE, "seq": S.SCoMoESeq, "feat": S.SCoMoEFeat}[cfg.moe](cfg.moe_cfg, topo)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, pad: Tensor) -> tuple[Tensor, S.MoEOutput]:  # (t, d), (t,)
+        out = self.moe(self.norm(x), pad)
+        return x + F.dropout(out.y, self.dropout, self.training), out
+
+
+class Stack(nn.Module):
+    """An encoder or a decoder: pre-LN sublayers in the order of layer_plan, then a final LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig, topo: S.Topology, decoder: bool) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.plan = layer_plan(cfg.layers, cfg.moe, cfg.token_cluster, decoder)
+        subs = []
+        for kind in self.plan:
+            if kind in ("self", "cross"):
+                subs.append(Attention(cfg.d_model, cfg.heads, cfg.dropout))
+            elif kind == "ffn":
+                subs.append(FFN(cfg.d_model, cfg.d_ffn, cfg.dropout))
+            elif kind == "moe":
+                subs.append(MoEFFN(cfg, topo))
+            else:
+                subs.append(S.TokenClustering(cfg.d_model, cfg.d_ffn, topo, route_to=cfg.route_to,
+                                              gate=cfg.cluster_gate, pre_norm=True))
+        self.subs = nn.ModuleList(subs)
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, h: Tensor, pad: Tensor, memory: Optional[Tensor] = None,
+                memory_pad: Optional[Tensor] = None) -> tuple[Tensor, list[S.MoEOutput]]:
+        """h: (B, T, d), pad: (B, T) -> (B, T, d) and the MoE layers' outputs (for losses and stats)."""
+        B, T, d = h.shape
+        self_mask = ~pad[:, None, None, :]  # (B, 1, 1, T): keys that are not padding
+        if self.decoder:
+            self_mask = self_mask & torch.ones(T, T, dtype=torch.bool, device=h.device).tril()  # causal
+        cross_mask = None if memory_pad is None else ~memory_pad[:, None, None, :]
+        outs, plan, flat_pad = [], None, pad.reshape(-1)
+        for kind, sub in zip(self.plan, self.subs):
+            if kind == "self":
+                h = sub(h, None, self_mask)
+            elif kind == "cross":
+                h = sub(h, memory, cross_mask)
+            elif kind == "ffn":
+                h = sub(h)
+            elif kind == "cluster":  # from here on h is flat tokens that live on their cluster's rank
+                h, plan = sub(h.reshape(B * T, d), flat_pad, detach_router_input=self.decoder and self.training)
+                flat_pad = plan.pad_mask
+            else:  # "moe"
+                h_flat, out = sub(h.reshape(-1, d), flat_pad)
+                h = h_flat.view(h.shape)
+                outs.append(out)
+        if plan is not None:  # the last MoE layer sends the tokens back and undoes the sort
+            h = S.uncluster(h, plan, self.subs[self.plan.index("cluster")].ledger).view(B, T, d)
+        return self.norm(h), outs
+
+
+class Translator(nn.Module):
+    """Shared embeddings (tied output), learned positions, an encoder and a decoder."""
+
+    def __init__(self, cfg: ModelConfig, topo: S.Topology) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab, cfg.d_model, padding_idx=PAD)
+        self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.encoder, self.decoder = Stack(cfg, topo, False), Stack(cfg, topo, True)
+        nn.init.normal_(self.embed.weight, std=cfg.d_model**-0.5)
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:  # (B, T) -> (B, T, d)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        h = self.embed(ids) * self.cfg.d_model**0.5 + self.pos(positions)
+        return F.dropout(h, self.cfg.dropout, self.training)
+
+    def encode(self, src: Tensor) -> tuple[Tensor, list[S.MoEOutput]]:
+        return self.encoder(self.embed_tokens(src), src == PAD)
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, src: Tensor) -> tuple[Tensor, list[S.MoEOutput]]:
+        h, outs = self.decoder(self.embed_tokens(tgt_in), tgt_in == PAD, memory, src == PAD)
+        return h @ self.embed.weight.t(), outs  # (B, T, vocab)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> tuple[Tensor, list[S.MoEOutput]]:
+        memory, enc_outs = self.encode(src)
+        logits, dec_outs = self.decode(tgt_in, memory, src)
+        return logits, enc_outs + dec_outs
+
+    def ledgers(self) -> list[S.CommLedger]:
+        return [m.ledger for m in self.modules() if isinstance(m, (S.GShardMoE, S.SCoMoESeq, S.SCoMoEFeat,
+                                                                    S.TokenClustering))]
+
+
+def expert_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters each rank holds alone (experts, clustering FFNs): never all-reduced."""
+    return {id(p) for m in model.modules() if isinstance(m, S.Experts) for p in m.parameters()}
+
+
+@torch.no_grad()
+def greedy_decode(model: Translator, src: Tensor, max_len: int) -> Tensor:
+    """Greedy decoding for max_len steps on every rank (the MoE layers' collectives need every rank
+    at every step); returns (B, max_len) token ids."""
+    memory, _ = model.encode(src)
+    out = torch.full((src.shape[0], 1), BOS, dtype=torch.long, device=src.device)
+    for _ in range(max_len):
+        logits, _ = model.decode(out, memory, src)
+        out = torch.cat([out, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return out[:, 1:]
+
+
+# ----------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class Variant:
+    """One model to train: what results.json reports about it."""
+
+    moe: str
+    token_cluster: bool = False
+    cluster_gate: str = "softmax"
+
+    @property
+    def name(self) -> str:
+        if not self.token_cluster:
+            return self.moe
+        return f"{self.moe}+cluster" + ("" if self.cluster_gate == "softmax" else "(sigmoid)")
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides the parameters and the optimizers."""
+
+    step: int = 0
+    losses: list = field(default_factory=list)  # global mean loss per step
+    auxes: list = field(default_factory=list)
+    step_times: list = field(default_factory=list)
+    bytes: dict = field(default_factory=lambda: {link: 0 for link in S.LINK_CLASSES})  # summed over ranks and steps
 
 
 def print0(*a, **k) -> None:
@@ -85,66 +413,308 @@ def print0(*a, **k) -> None:
         print(*a, **k, flush=True)
 
 
-def init_distributed(args: argparse.Namespace, rank: int, world: int, port: int | None) -> tuple[S.Topology, torch.device]:
-    """Join the process group (gloo on CPU, NCCL on CUDA) and build the topology explicitly."""
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available() and port is None)
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over all ranks (identity on one rank)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def build_model(args: argparse.Namespace, variant: Variant, task: Task, topo: S.Topology,
+                device: torch.device) -> Translator:
+    moe_cfg = None
+    if variant.moe != "dense":
+        moe_cfg = S.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn,
+                              num_experts=args.experts_per_rank * topo.world_size,
+                              capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2)
+    route_to = "node" if args.ratio1 == 0 and topo.num_nodes > 1 else "rank"  # the authors' choice
+    cfg = ModelConfig(vocab=task.vocab, d_model=args.d_model, d_ffn=args.d_ffn, layers=args.layers,
+                      max_len=max(64, task.max_target_len() + 2), dropout=args.dropout, moe=variant.moe,
+                      token_cluster=variant.token_cluster, cluster_gate=variant.cluster_gate,
+                      route_to=route_to, moe_cfg=moe_cfg)
+    torch.manual_seed(args.seed)  # shared parameters: the same on every rank
+    model = Translator(cfg, topo).to(device)
+    torch.manual_seed(args.seed * 1000 + 1 + topo.rank)  # experts: different on every rank
+    for m in model.modules():
+        if isinstance(m, S.Experts):
+            m.reset_parameters()
+    return model
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, then inverse square root (as fairseq's inverse_sqrt); independent of --steps."""
+    step += 1
+    return args.lr * min(step / args.warmup, math.sqrt(args.warmup / step))
+
+
+def ckpt_dir(args: argparse.Namespace, variant: Variant) -> str:
+    return os.path.join(args.out, "ckpt", variant.name)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(args, variant, model, opt_shared, opt_experts, state: RunState, topo: S.Topology) -> None:
+    """Shared parameters and their optimizer once (rank 0), each rank's experts, optimizer and RNG
+    in its own file, in a directory per step; `latest` names the last complete one."""
+    root = ckpt_dir(args, variant)
+    step_dir = os.path.join(root, f"step{state.step:06d}")
+    os.makedirs(step_dir, exist_ok=True)
+    experts = expert_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    rank_state = {
+        "step": state.step,
+        "experts": {names[i]: p.detach().cpu() for n, p in model.named_parameters() if (i := id(p)) in experts},
+        "optimizer": opt_experts.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() and model.embed.weight.is_cuda else None,
+    }
+    atomic_save(rank_state, os.path.join(step_dir, f"rank{topo.rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()  # every rank's file is on disk
+    if topo.rank == 0:
+        shared = {n: p.detach().cpu() for n, p in model.named_parameters() if id(p) not in experts}
+        atomic_save({"step": state.step, "world_size": topo.world_size, "shared": shared,
+                     "optimizer": opt_shared.state_dict(), "state": state.__dict__},
+                    os.path.join(step_dir, "shared.pt"))
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(step_dir))
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(args, variant, model, opt_shared, opt_experts, topo: S.Topology) -> Optional[RunState]:
+    root = ckpt_dir(args, variant)
+    latest = os.path.join(root, "latest")
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        step_dir = os.path.join(root, f.read().strip())
+    shared = torch.load(os.path.join(step_dir, "shared.pt"), weights_only=False)
+    mine = torch.load(os.path.join(step_dir, f"rank{topo.rank}.pt"), weights_only=False)
+    if shared["world_size"] != topo.world_size or shared["step"] != mine["step"]:
+        raise ValueError(f"checkpoint {step_dir} was written by {shared['world_size']} ranks at step "
+                         f"{shared['step']}; this run has {topo.world_size}: resume with the same world size")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in {**shared["shared"], **mine["experts"]}.items():
+            params[n].copy_(t)
+    opt_shared.load_state_dict(shared["optimizer"])
+    opt_experts.load_state_dict(mine["optimizer"])
+    torch.set_rng_state(mine["rng"])
+    if mine["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(mine["cuda_rng"])
+    return RunState(**shared["state"])
+
+
+def sync_shared_gradients(model: nn.Module, experts: set[int]) -> None:
+    """All-reduce (sum) the gradients of the replicated parameters in one flat buffer."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if id(p) not in experts and p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def evaluate(model: Translator, task: Task, topo: S.Topology, device: torch.device, limit: int) -> dict:
+    """Greedy decoding of the validation set (split over the ranks): corpus BLEU and exact match on rank 0."""
+    model.eval()
+    valid = task.valid[:limit]
+    mine = valid[topo.rank::topo.world_size]
+    per_rank = math.ceil(len(valid) / topo.world_size)
+    hyps = []
+    for start in range(0, per_rank, 100):  # every rank runs the same number of batches
+        pairs = mine[start:start + 100] or valid[:1]  # a rank with nothing left decodes a dummy
+        src, _, _ = collate(pairs)
+        out = greedy_decode(model, src.to(device), task.max_target_len() + 1).cpu()
+        if mine[start:start + 100]:
+            hyps += [decode_ids(task, row) for row in out]
+    refs = [[task.itos[t] for t in tgt] for _, tgt in mine]
+    every = gather_objects((hyps, refs))
+    model.train()
+    for ledger in model.ledgers():
+        ledger.reset()  # evaluation traffic does not count in the training bytes
+    if topo.rank != 0:
+        return {}
+    all_hyps = [h for hs, _ in every for h in hs]
+    all_refs = [r for _, rs in every for r in rs]
+    return {"bleu": corpus_bleu(all_hyps, all_refs),
+            "exact_match": sum(h == r for h, r in zip(all_hyps, all_refs)) / len(all_refs),
+            "example": {"hyp": " ".join(all_hyps[0]), "ref": " ".join(all_refs[0])}}
+
+
+def decode_ids(task: Task, ids: Tensor) -> list[str]:
+    words = []
+    for i in ids.tolist():
+        if i == EOS:
+            break
+        if i not in (PAD, BOS):
+            words.append(task.itos[i])
+    return words
+
+
+def gather_objects(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: S.Topology,
+                  device: torch.device) -> Optional[dict]:
+    """Train one variant for args.steps steps (resuming if asked) and evaluate it; the result on rank 0."""
+    model = build_model(args, variant, task, topo, device)
+    experts = expert_parameters(model)
+    shared_params = [p for p in model.parameters() if id(p) not in experts]
+    expert_params = [p for p in model.parameters() if id(p) in experts]
+    adam = dict(lr=args.lr, betas=(0.9, 0.98), eps=1e-9)
+    opt_shared = torch.optim.Adam(shared_params, **adam)
+    opt_experts = torch.optim.Adam(expert_params or [torch.zeros(1, requires_grad=True)], **adam)
+    state = load_checkpoint(args, variant, model, opt_shared, opt_experts, topo) if args.resume else None
+    if state is not None:  # the checkpoint restored the RNG too
+        print0(f"[{variant.name}] resumed from step {state.step}")
     else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if world > 1:
-        init = f"tcp://127.0.0.1:{port}" if port is not None else "env://"
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=args.timeout))
-    rpn = args.ranks_per_node
-    if rpn is None and port is not None:
-        rpn = min(2, world)
-    return S.build_topology(rpn), device
+        state = RunState()
+        torch.manual_seed(args.seed * 7919 + topo.rank)  # dropout: different on every rank
+
+    n_params = sum(p.numel() for p in shared_params) + sum(all_sum([sum(p.numel() for p in expert_params)], device))
+    print0(f"[{variant.name}] {n_params / 1e6:.2f}M parameters, {topo.world_size} ranks "
+           f"({topo.num_nodes} node(s) x {topo.ranks_per_node}), experts per rank {args.experts_per_rank}, "
+           f"layers: enc {' '.join(model.encoder.plan)} | dec {' '.join(model.decoder.plan)}")
+    started, first_step = time.perf_counter(), state.step
+    while state.step < args.steps:
+        if args.fail_at_step == state.step and topo.rank == min(1, topo.world_size - 1) \
+                and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+            print(f"rank {topo.rank}: exiting at step {state.step} (--fail-at-step)", flush=True)
+            os._exit(1)
+        src, tgt_in, tgt_out = (t.to(device) for t in train_batch(task, state.step, topo.rank,
+                                                                   topo.world_size, args.batch, args.seed))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for group in opt_shared.param_groups + opt_experts.param_groups:
+            group["lr"] = lr_at(state.step, args)
+        n_tokens = (tgt_out != PAD).sum()
+        n_global = all_sum([float(n_tokens)], device)[0]
+        logits, moe_outs = model(src, tgt_in)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=PAD,
+                             reduction="sum", label_smoothing=args.label_smoothing)
+        aux = torch.stack([o.aux_loss for o in moe_outs]).mean() if moe_outs else ce.new_zeros(())
+        loss = ce / n_global + args.aux_weight * aux / topo.world_size  # the gradient sum over ranks is the mean
+        opt_shared.zero_grad(set_to_none=True)
+        opt_experts.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_shared_gradients(model, experts)
+        opt_shared.step()
+        opt_experts.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        state.step_times.append(time.perf_counter() - t0)
+
+        dropped = [float(t.routing.dropped) for o in moe_outs for t in o.tiers.values()]
+        sent = {link: sum(led.total(link=link) for led in model.ledgers()) for link in S.LINK_CLASSES}
+        for ledger in model.ledgers():
+            ledger.reset()
+        totals = all_sum([ce.item(), aux.item(), sum(dropped) / max(len(dropped), 1),
+                          *(sent[link] for link in S.LINK_CLASSES)], device)
+        state.losses.append(totals[0] / n_global)
+        state.auxes.append(totals[1] / topo.world_size)
+        for link, b in zip(S.LINK_CLASSES, totals[3:]):
+            state.bytes[link] += int(b)
+        state.step += 1
+        if state.step % args.log_every == 0 or state.step == args.steps:
+            median = statistics.median(state.step_times[-args.log_every:])
+            eta = (args.steps - state.step) * median
+            mb = " ".join(f"{short} {b / 1e6:.2f}" for short, b in zip(("device", "node", "inter"), totals[3:]))
+            print0(f"[{variant.name}] step {state.step}/{args.steps} | loss {state.losses[-1]:.3f} | "
+                   f"aux {state.auxes[-1]:.3f} | {n_global / median:,.0f} tgt tok/s | "
+                   f"dropped {100 * totals[2] / topo.world_size:.1f}% | MB/step {mb} | ETA {eta:.0f}s "
+                   f"({state.step - first_step} steps this run)")
+        if args.ckpt_every and state.step % args.ckpt_every == 0:
+            save_checkpoint(args, variant, model, opt_shared, opt_experts, state, topo)
+    train_time = time.perf_counter() - started
+    scores = evaluate(model, task, topo, device, args.eval_sentences)
+    if topo.rank != 0:
+        return None
+    warm = state.step_times[min(5, len(state.step_times) - 1):] or state.step_times
+    steps_run = max(len(state.losses), 1)
+    return {
+        "variant": variant.name, "moe": variant.moe, "token_cluster": variant.token_cluster,
+        "cluster_gate": variant.cluster_gate if variant.token_cluster else None,
+        "ratio1": args.ratio1, "ratio2": args.ratio2, "world_size": topo.world_size,
+        "ranks_per_node": topo.ranks_per_node, "experts_per_rank": args.experts_per_rank,
+        "capacity_factor": args.capacity_factor, "seed": args.seed, "steps": state.step,
+        "final_loss": statistics.mean(state.losses[-10:]), "bleu": scores["bleu"],
+        "exact_match": scores["exact_match"], "example": scores["example"],
+        "step_time_s": statistics.median(warm) if warm else None,
+        "bytes_per_step": {link: state.bytes[link] / steps_run for link in S.LINK_CLASSES},
+        "train_time_s": train_time, "device": device.type, "losses": state.losses, "aux_losses": state.auxes,
+    }
 
 
-def _worker(rank: int, args: argparse.Namespace, world: int, port: int | None) -> None:
-    topo, device = init_distributed(args, rank, world, port)
+# ----------------------------------------------------------------------------
+# The classroom demo's report
+
+
+def report(results: list[dict], out: str) -> None:
+    """Print the table, write results.json and (with matplotlib) a PNG of losses and bytes per link."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    base = next((r for r in results if r["moe"] == "gshard" and not r["token_cluster"]), None)
+    print(f"\n{'variant':<22} {'BLEU':>6} {'exact':>6} {'loss':>6} {'step s':>7} "
+          f"{'MB/step dev':>11} {'node':>7} {'inter':>7} {'speed-up':>9}")
+    for r in results:
+        mb = [r["bytes_per_step"][link] / 1e6 for link in S.LINK_CLASSES]
+        speed = f"{base['step_time_s'] / r['step_time_s']:.2f}x" if base else "-"
+        print(f"{r['variant']:<22} {r['bleu']:>6.1f} {r['exact_match']:>6.2f} {r['final_loss']:>6.3f} "
+              f"{r['step_time_s']:>7.3f} {mb[0]:>11.2f} {mb[1]:>7.2f} {mb[2]:>7.2f} {speed:>9}")
+    print(f"\nwrote {os.path.join(out, 'results.json')}")
     try:
-        run(args, topo, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def launch(args: argparse.Namespace) -> None:
-    """Under torchrun: this process is one rank. Otherwise spawn --nproc CPU ranks on a free local port."""
-    if "RANK" in os.environ:
-        _worker(int(os.environ["RANK"]), args, int(os.environ["WORLD_SIZE"]), None)
-    elif args.nproc == 1:
-        _worker(0, args, 1, None)
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_worker, args=(args, args.nproc, port), nprocs=args.nproc, join=True)
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("for a plot of the loss curves and bytes per link: pip install matplotlib, then run again")
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        ax1.plot(r["losses"], label=r["variant"])
+    ax1.set(xlabel="step", ylabel="training loss", title="loss")
+    ax1.legend()
+    x = np.arange(len(results))
+    for i, link in enumerate(S.LINK_CLASSES):
+        ax2.bar(x + (i - 1) * 0.27, [r["bytes_per_step"][link] / 1e6 for r in results], 0.27, label=link)
+    ax2.set_xticks(x, [r["variant"] for r in results], rotation=15)
+    ax2.set(ylabel="MB per step (all ranks, fwd + bwd)", title="bytes per link class")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "results.png"), dpi=110)
+    print(f"wrote {os.path.join(out, 'results.png')}")
 
 
 # ----------------------------------------------------------------------------
 # The teaching trace
 
 
-def gather0(obj):
-    """Every rank's obj on rank 0 (a list in rank order); None elsewhere."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
 def trace(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> None:
+    """One MoE layer on a tiny batch: each token's tier, experts and ranks; bytes per link per tier."""
     d = 8
     cfg = S.MoEConfig(d_model=d, d_ffn=16, num_experts=args.experts_per_rank * topo.world_size,
                       capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2)
-    layer = {"gshard": S.GShardMoE, "seq": S.SCoMoESeq, "feat": S.SCoMoEFeat}[args.moe](cfg, topo).to(device)
+    moe = "seq" if args.moe in (None, "dense") else args.moe
+    layer = {"gshard": S.GShardMoE, "seq": S.SCoMoESeq, "feat": S.SCoMoEFeat}[moe](cfg, topo).to(device)
     torch.manual_seed(args.seed + topo.rank)
     x = torch.randn(10, d, device=device, requires_grad=True)  # (t, d): 10 tokens on every rank
     out = layer(x)
@@ -159,24 +729,24 @@ def trace(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> N
             picks = [f"e{e}@r{e // args.experts_per_rank}{'' if kept else '(dropped)'} w={w:.2f}"
                      for e, kept, w in zip(experts, r.kept[i].tolist(), r.weight[i].tolist())]
             rows.append((topo.rank, tok, tier, ", ".join(picks)))
-    ledger = {tier: {(dirn, link): layer.ledger.total(link=link, direction=dirn, tag=tier)
-                     for dirn in ("forward", "backward") for link in S.LINK_CLASSES} for tier in S.TIERS}
-    every_rows, every_ledger = gather0(sorted(rows, key=lambda r: (r[1], r[2]))), gather0(ledger)
+    ledger = {(tier, dirn, link): layer.ledger.total(link=link, direction=dirn, tag=tier)
+              for tier in S.TIERS for dirn in ("forward", "backward") for link in S.LINK_CLASSES}
+    every = gather_objects((sorted(rows, key=lambda r: (r[1], r[2])), ledger))
     if topo.rank != 0:
         return
-    print(f"{args.moe}: W={topo.world_size} ranks, {topo.num_nodes} node(s) x {topo.ranks_per_node}, "
+    print(f"{moe}: W={topo.world_size} ranks, {topo.num_nodes} node(s) x {topo.ranks_per_node}, "
           f"{cfg.num_experts} experts ({args.experts_per_rank} per rank), alpha={cfg.ratio1} beta={cfg.ratio2}")
-    if args.moe == "feat":
+    if moe == "feat":
         print(f"slice widths (local, node, global) = {layer.widths} of d_model={d}; every token goes to every tier")
     print(f"{'rank':>4} {'token':>5}  {'tier':<6}  experts (e<id>@r<rank>, combine weight)")
-    for rank_rows in every_rows:
+    for rank_rows, _ in every:
         for rank, tok, tier, picks in rank_rows:
             print(f"{rank:>4} {tok:>5}  {tier:<6}  {picks}")
-    print("\nbytes handed to each link class, summed over ranks (forward + backward: two all-to-alls each)")
+    print("\nbytes handed to each link class, summed over ranks (each direction: to the experts and back)")
     print(f"{'tier':<6} {'direction':<9} " + " ".join(f"{link:>13}" for link in S.LINK_CLASSES))
     for tier in S.TIERS:
         for dirn in ("forward", "backward"):
-            total = [sum(led[tier][dirn, link] for led in every_ledger) for link in S.LINK_CLASSES]
+            total = [sum(led[tier, dirn, link] for _, led in every) for link in S.LINK_CLASSES]
             print(f"{tier:<6} {dirn:<9} " + " ".join(f"{b:>13,}" for b in total))
 
 
@@ -198,7 +768,6 @@ def timed(fn, reps: int) -> tuple[float, float, object]:
 def bench_assign(args: argparse.Namespace) -> None:
     """balanced_assignment against scipy's linear_sum_assignment on the expanded (T, T) matrix."""
     try:
-        import numpy as np
         from scipy.optimize import linear_sum_assignment
     except ImportError:
         sys.exit("--bench-assign compares against scipy: pip install scipy")
@@ -225,14 +794,167 @@ def bench_assign(args: argparse.Namespace) -> None:
             print(row, flush=True)
 
 
+# ----------------------------------------------------------------------------
+# Command line and launch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to run
+    p.add_argument("--moe", default=None, choices=["dense", "gshard", "seq", "feat"],
+                   help="train one variant with this FFN (default: the demo trains gshard, seq, feat, seq+cluster)")
+    p.add_argument("--token-cluster", action="store_true", help="cluster tokens at the first MoE layer (PAPER.md order)")
+    p.add_argument("--cluster-gate", default="softmax", choices=["softmax", "sigmoid"],
+                   help="clustering gate: softmax with differentiable sorting, or BASE layers' sigmoid")
+    p.add_argument("--trace", action="store_true", help="print each token's tier, experts and ranks, and the bytes per link")
+    p.add_argument("--bench-assign", action="store_true",
+                   help="time balanced_assignment against scipy's exact solver (needs scipy), in this process")
+    # SCoMoE
+    p.add_argument("--ratio1", type=float, default=0.2, help="alpha: share of tokens (Seq) or width (Feat) kept on the device")
+    p.add_argument("--ratio2", type=float, default=0.5, help="beta: share served inside the node")
+    p.add_argument("--experts-per-rank", type=int, default=2, help="experts on each rank (E = this x world size)")
+    p.add_argument("--capacity-factor", type=float, default=1.25, help="C = ceil(capacity_factor * 2 * tokens / experts)")
+    p.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss")
+    # model
+    p.add_argument("--d-model", type=int, default=64, help="model width")
+    p.add_argument("--d-ffn", type=int, default=128, help="FFN and expert hidden width")
+    p.add_argument("--layers", type=int, default=4, help="encoder layers and decoder layers (MoE in every other)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout")
+    # training
+    p.add_argument("--steps", type=int, default=200, help="training steps per variant")
+    p.add_argument("--batch", type=int, default=32, help="sentences per rank per step")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (Adam, inverse-sqrt schedule)")
+    p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data, initialisation, dropout)")
+    p.add_argument("--eval-sentences", type=int, default=400, help="validation sentences decoded for BLEU")
+    p.add_argument("--log-every", type=int, default=25, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out, if any")
+    p.add_argument("--out", default="out", help="folder for results.json, the plot and checkpoints")
+    p.add_argument("--fail-at-step", type=int, default=None,
+                   help="testing restarts: rank 1 exits at this step on the first attempt (torchrun restarts it)")
+    # processes
+    p.add_argument("--nproc", type=int, default=4, help="CPU processes to spawn when not under torchrun")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="ranks per (emulated) node; default 2 when spawning, LOCAL_WORLD_SIZE under torchrun")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA under torchrun when available, else CPU")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective that cannot complete fails")
+    p.add_argument("--reps", type=int, default=15, help="timed repetitions per benchmark case (after a warm-up)")
+    args = p.parse_args(argv)
+    check_args(args, p)
+    return args
+
+
+def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Reject bad values before any process starts."""
+    world = int(os.environ.get("WORLD_SIZE", args.nproc)) if "RANK" in os.environ else args.nproc
+    if "RANK" not in os.environ and args.nproc < 1:
+        p.error(f"--nproc {args.nproc}: need at least one process")
+    rpn = args.ranks_per_node or (int(os.environ.get("LOCAL_WORLD_SIZE", world)) if "RANK" in os.environ
+                                  else min(2, world))
+    if rpn < 1 or world % rpn != 0:
+        p.error(f"--ranks-per-node {rpn} does not divide the {world} ranks: every node holds the same number of ranks")
+    for name in ("experts_per_rank", "d_model", "d_ffn", "layers", "steps", "batch", "warmup", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.d_model % 4 != 0:
+        p.error(f"--d-model {args.d_model}: must be divisible by the 4 attention heads")
+    if args.token_cluster and (args.moe == "dense" or args.layers < 2):
+        p.error("--token-cluster needs MoE layers: --moe gshard|seq|feat and --layers >= 2")
+    if args.batch * world > 4000:
+        p.error(f"--batch {args.batch} x {world} ranks exceeds the 4000 training pairs")
+    if not 0 <= args.dropout < 1 or args.lr <= 0 or args.aux_weight < 0 or args.ckpt_every < 0:
+        p.error("need 0 <= --dropout < 1, --lr > 0, --aux-weight >= 0, --ckpt-every >= 0")
+    if args.moe != "dense":
+        try:
+            S.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn, num_experts=args.experts_per_rank * world,
+                        capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2)
+            if args.moe in (None, "feat"):
+                S.feat_widths(S.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn, num_experts=world,
+                                          ratio1=args.ratio1, ratio2=args.ratio2), world // rpn)
+        except ValueError as e:
+            p.error(str(e))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.device == "cuda" and "RANK" not in os.environ and args.nproc > 1:
+        p.error("--device cuda with several processes: launch with torchrun (spawned processes run on the CPU)")
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    if args.moe is None:  # the classroom demo
+        return [Variant("gshard"), Variant("seq"), Variant("feat"), Variant("seq", token_cluster=True)]
+    return [Variant(args.moe, args.token_cluster, args.cluster_gate)]
+
+
 def run(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> None:
     if args.trace:
-        trace(args, topo, device)
+        return trace(args, topo, device)
+    task = make_task(TaskConfig(seed=args.seed))
+    results = []
+    for variant in variants(args):
+        result = train_variant(args, variant, task, topo, device)
+        if topo.rank == 0:
+            results.append(result)
+            print0(f"[{variant.name}] BLEU {result['bleu']:.1f}, exact match {result['exact_match']:.2f}, "
+                   f"e.g. {result['example']['hyp']!r} for {result['example']['ref']!r}")
+    if topo.rank == 0:
+        report(results, args.out)
+
+
+def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Optional[int]) -> tuple[S.Topology, torch.device]:
+    """Join the process group (gloo on CPU, NCCL on CUDA) and build the topology explicitly."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and port is None and torch.cuda.is_available())
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if port is None else world
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if world > 1:
+        timeout = timedelta(seconds=args.timeout)
+        if port is not None:  # spawned: rank 0 hosts the store on the free port
+            store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout)
+        else:  # torchrun: its store, under a prefix per restart, so that a restarted job never reads
+            # the addresses that its previous attempt left there
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=not agent and rank == 0, timeout=timeout)
+            store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=timeout)
+    rpn = args.ranks_per_node or (min(2, world) if port is not None else None)
+    return S.build_topology(rpn), device
+
+
+def _worker(rank: int, args: argparse.Namespace, world: int, port: Optional[int]) -> None:
+    topo, device = init_distributed(args, rank, world, port)
+    try:
+        run(args, topo, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(args: argparse.Namespace) -> None:
+    """Under torchrun: this process is one rank. Otherwise spawn --nproc CPU ranks on a free local port."""
+    if "RANK" in os.environ:
+        _worker(int(os.environ["RANK"]), args, int(os.environ["WORLD_SIZE"]), None)
+    elif args.nproc == 1:
+        _worker(0, args, 1, None)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_worker, args=(args, args.nproc, port), nprocs=args.nproc, join=True)
 
 
 if __name__ == "__main__":
-    args = parse_args(sys.argv[1:])
-    if args.bench_assign:
-        bench_assign(args)
+    arguments = parse_args(sys.argv[1:])
+    if arguments.bench_assign:
+        bench_assign(arguments)
     else:
-        launch(args)
+        launch(arguments)
