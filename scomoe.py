@@ -32,6 +32,7 @@ Shape letters used in comments:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ class CommGroup:
     ranks: tuple[int, ...]  # global ranks, in the order of group ranks
     group: Optional[dist.ProcessGroup]  # None when the group is this rank alone
     links: tuple[str, ...]  # link class from this rank to each member, one of LINK_CLASSES
+    local_copy: bool = False  # timing compute alone: every all-to-all becomes a local copy of its shape
 
     @property
     def size(self) -> int:
@@ -95,6 +97,17 @@ class Topology:
     node: CommGroup  # the G ranks of this node
     world: CommGroup  # all W ranks
     host_group: Optional[dist.ProcessGroup]  # gloo group for host integers (token counts)
+    local_copy: bool = False  # see with_local_copies
+
+    def with_local_copies(self) -> "Topology":
+        """This topology with every collective replaced by a local copy of the same shape.
+
+        For timing compute alone (the benchmark's compute-only run): all-to-alls copy
+        their input instead of sending it, and every rank is assumed to hold as many
+        tokens as this one. The ledger still counts the bytes a real run would send.
+        """
+        local = {name: dataclasses.replace(getattr(self, name), local_copy=True) for name in ("node", "world")}
+        return dataclasses.replace(self, local_copy=True, **local)
 
     def link(self, other: int) -> str:
         """The link class a byte crosses from this rank to rank `other`."""
@@ -105,8 +118,8 @@ class Topology:
 
         Runs over a gloo group on the CPU, so that a GPU stream never waits on it.
         """
-        if self.world_size == 1:
-            return [count]
+        if self.world_size == 1 or self.local_copy:
+            return [count] * self.world_size
         mine = torch.tensor([count], dtype=torch.int64)
         every = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine, group=self.host_group)
@@ -219,7 +232,16 @@ def _all_to_all_single(x: Tensor, group: CommGroup, send: Optional[list[int]], r
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
         sent = send if send is not None else [x.shape[0] // group.size] * group.size
         ledger.record(tag, direction, [r * row_bytes for r in sent], group.links)
-    dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group.group)
+    if group.local_copy:  # compute alone: the rows stay here, in a tensor of the received shape
+        n = min(rows, x.shape[0])
+        out[:n].copy_(x[:n])
+        out[n:].zero_()
+    elif x.is_cuda and dist.get_backend(group.group) == "gloo":  # gloo moves host memory: stage through it
+        host = torch.empty(out.shape, dtype=out.dtype)
+        dist.all_to_all_single(host, x.cpu(), output_split_sizes=recv, input_split_sizes=send, group=group.group)
+        out.copy_(host)
+    else:
+        dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group.group)
     return out
 
 
@@ -263,8 +285,10 @@ class Routing(NamedTuple):
 
     expert: Tensor  # (t, k) long: chosen experts, indices into the gate's experts
     slot: Tensor  # (t, k) long: position in that expert's buffer (meaningful where kept)
+    place: Tensor  # (t, k) long: row expert * c + slot of the (e * c)-row buffer; -1 where not kept
     weight: Tensor  # (t, k) combine weight; 0 where dropped or padding
     kept: Tensor  # (t, k) bool: the assignment fit into the expert's capacity
+    source: Tensor  # (e * c,) long: the assignment token * k + choice held by each slot; -1 if empty
     capacity: int  # c: buffer slots per expert
     aux_loss: Tensor  # () load-balancing loss
     load: Tensor  # (e,) assignments each expert accepted
@@ -294,25 +318,34 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
     """
     t, e = logits.shape
     k = min(2, e)
-    real = torch.ones(t, dtype=torch.bool, device=logits.device) if pad_mask is None else ~pad_mask
+    device = logits.device
+    real = torch.ones(t, dtype=torch.bool, device=device) if pad_mask is None else ~pad_mask
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in float32 at least
     gates = logits.softmax(dim=-1)  # (t, e)   g = softmax(x W_g)
     first = gates.argmax(dim=-1)  # (t,)
     if k == 2:
-        others = logits.masked_fill(F.one_hot(first, e).bool(), float("-inf"))  # (t, e)
+        others = logits.scatter(1, first[:, None], float("-inf"))  # (t, e): the first choice removed
         if second_expert == "sampling":
-            uniform = torch.rand(others.shape, generator=generator, device=others.device, dtype=others.dtype)
+            uniform = torch.rand(others.shape, generator=generator, device=device, dtype=others.dtype)
             others = others - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
         expert = torch.stack([first, others.argmax(dim=-1)], dim=1)  # (t, k)
     else:
         expert = first[:, None]  # (t, 1)
 
-    # Slots: every token's first choice is placed (in token order) before any
-    # token's second choice, so choice-major order is the priority order.
-    chosen = F.one_hot(expert.t(), e) * real[None, :, None]  # (k, t, e)
-    position = chosen.reshape(k * t, e).cumsum(dim=0).reshape(k, t, e) - 1  # (k, t, e)
-    slot = (position * chosen).sum(dim=-1).t()  # (t, k)
+    # Slots: every token's first choice is placed (in token order) before any token's
+    # second choice. In that choice-major order, an assignment's slot is the number of
+    # earlier assignments to its expert: a stable sort by expert gives it.
+    key = expert.t().reshape(-1).masked_fill(~real.repeat(k), e)  # (k*t,): padding sorts after every expert
+    order = key.sort(stable=True).indices  # (k*t,)
+    count = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
+    start = count.cumsum(0) - count  # (e+1,): where each expert's run begins in `order`
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(k * t, device=device))  # (k*t,)
+    slot = (position - start[key]).view(k, t).t()  # (t, k)
     kept = real[:, None] & (slot < capacity)  # (t, k)
+    place = (expert * capacity + slot).masked_fill(~kept, -1)  # (t, k)
+    # the inverse map: which assignment (token * k + choice) each of the e * c slots holds
+    source = torch.full((e * capacity + 1,), -1, dtype=torch.long, device=device)  # one spare row for the dropped
+    source = source.scatter_(0, place.reshape(-1) % (e * capacity + 1), torch.arange(t * k, device=device))[:-1]
 
     gate = gates.gather(1, expert)  # (t, k)   g_1, g_2
     if normalize_before_drop:
@@ -324,32 +357,57 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
 
     n_real = real.sum().clamp_min(1)
     mean_gate = (gates * real[:, None]).sum(dim=0) / n_real  # (e,)  m_e: mean gate value
-    first_share = chosen[0].sum(dim=0) / n_real  # (e,)  c_e / S: share of tokens whose first choice is e
+    first_count = torch.zeros(e, dtype=gates.dtype, device=device).scatter_add_(0, first, real.to(gates.dtype))
+    first_share = first_count / n_real  # (e,)  c_e / S: share of tokens whose first choice is e
     aux_loss = e * (mean_gate * first_share).sum()  # l_aux = E * sum_e m_e * c_e / S   (1 when balanced)
 
-    assigned = chosen.sum()
-    load = (chosen * kept.t()[..., None]).sum(dim=(0, 1))  # (e,)
-    dropped = 1 - load.sum() / assigned.clamp_min(1)
-    return Routing(expert, slot, weight, kept, capacity, aux_loss, load, dropped)
+    load = torch.zeros(e, dtype=torch.long, device=device).scatter_add_(0, expert.reshape(-1), kept.reshape(-1).long())
+    dropped = 1 - kept.sum() / (k * n_real)
+    return Routing(expert, slot, place, weight, kept, source, capacity, aux_loss, load, dropped)
+
+
+def _take_rows(x: Tensor, index: Tensor, zero_missing: bool) -> Tensor:
+    """x[index] along dim 0: (n, ...) -> (m, ...). Where index is -1 the row is 0 (zero_missing)
+    or an arbitrary row of x that the caller never reads."""
+    if x.shape[0] == 0:  # nothing to take: every index is -1
+        return x.new_zeros(index.shape[0], *x.shape[1:])
+    rows = x.index_select(0, index.clamp(min=0))
+    if not zero_missing:
+        return rows
+    return rows.masked_fill((index < 0).view(-1, *[1] * (x.dim() - 1)), 0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """y = x[index] (rows) whose backward is a gather as well.
+
+    Rows of y where index is -1 are never read by the caller (they hold an arbitrary
+    row of x) and get no gradient. inverse[i] lists the rows of y that read row i of
+    x (-1: none), so grad_x[i] = sum_j grad_y[inverse[i, j]] needs no scatter-add:
+    no atomics, and the same bits on every run.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return _take_rows(x, index, zero_missing=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        g = _take_rows(grad, inverse.reshape(-1), zero_missing=True).view(*inverse.shape, *grad.shape[1:])
+        return g.sum(dim=1) if inverse.shape[1] > 1 else g.squeeze(1), None, None
 
 
 def dispatch(x: Tensor, routing: Routing, num_experts: int) -> Tensor:
     """Gather each expert's tokens into its capacity buffer: (t, d) -> (e, c, d).
 
-    Slot expert * c + slot holds the token that took it. Empty slots copy an
-    arbitrary token; their expert outputs are never read by `combine`, so they
-    carry no gradient.
+    Empty slots hold an arbitrary token: their expert outputs are never read by
+    `combine`, so they carry no gradient.
     """
     t, d = x.shape
-    c = routing.capacity
-    if t == 0:
-        return x.new_zeros(num_experts, c, d)
-    flat = routing.expert * c + routing.slot  # (t, k)
-    flat = flat.masked_fill(~routing.kept, num_experts * c)  # dropped -> one spare slot past the end
-    token = torch.arange(t, device=x.device)[:, None].expand_as(flat)  # (t, k)
-    owner = torch.zeros(num_experts * c + 1, dtype=torch.long, device=x.device)
-    owner = owner.scatter(0, flat.reshape(-1), token.reshape(-1))  # (e*c + 1,)
-    return x[owner[:-1]].view(num_experts, c, d)  # (e, c, d)
+    k, c = routing.expert.shape[1], routing.capacity
+    token = routing.source.div(k, rounding_mode="floor")  # (e*c,): the token in each slot; -1 if empty
+    return _GatherRows.apply(x, token, routing.place).view(num_experts, c, d)  # (e, c, d)
 
 
 def combine(expert_out: Tensor, routing: Routing) -> Tensor:
@@ -359,9 +417,12 @@ def combine(expert_out: Tensor, routing: Routing) -> Tensor:
     """
     e, c, d = expert_out.shape
     t, k = routing.expert.shape
-    flat = (routing.expert * c + routing.slot).masked_fill(~routing.kept, 0)  # (t, k)
-    picked = expert_out.reshape(e * c, d)[flat.reshape(-1)].view(t, k, d)  # (t, k, d)
-    return torch.bmm(routing.weight.to(picked.dtype).unsqueeze(1), picked).squeeze(1)  # (t, d)
+    picked = _GatherRows.apply(expert_out.reshape(e * c, d), routing.place.reshape(-1), routing.source[:, None])
+    picked = picked.view(t, k, d)  # (t, k, d)
+    w = routing.weight.to(picked.dtype)
+    if k == 1:
+        return picked[:, 0] * w  # (t, d)
+    return torch.addcmul(picked[:, 0] * w[:, :1], picked[:, 1], w[:, 1:])  # (t, d): w_1 y_1 + w_2 y_2
 
 
 class Experts(nn.Module):
@@ -488,18 +549,20 @@ class GShardMoE(nn.Module):
 # 5. SCoMoE-Seq (paper: "SCoMoE-Seq", slicing the token dimension)
 
 
-def three_way_split(total: int, ratio1: float, ratio2: float, num_nodes: int) -> tuple[int, int, int]:
+def three_way_split(total: int, ratio1: float, ratio2: float, num_nodes: int,
+                    multiple: int = 1) -> tuple[int, int, int]:
     """Split `total` (tokens for Seq, model width for Feat) into local, node and global parts.
 
-    local = int(ratio1 * total), node = int(ratio2 * total), global = the rest.
-    With one node there is no global part (the node's experts are all experts),
-    and with ratio1 + ratio2 = 1 there is none either: node takes the rest.
+    local = int(ratio1 * total), node = int(ratio2 * total), global = the rest, the
+    first two rounded down to a multiple of `multiple`. With one node there is no
+    global part (the node's experts are all experts), and with ratio1 + ratio2 = 1
+    there is none either: node takes the rest.
     """
-    local = _floor(ratio1 * total)
+    local = _floor(ratio1 * total / multiple) * multiple
     if num_nodes == 1 or round(ratio1 + ratio2, 9) == 1:
         node = total - local
     else:
-        node = _floor(ratio2 * total)
+        node = _floor(ratio2 * total / multiple) * multiple
     return local, node, total - local - node
 
 
@@ -568,7 +631,8 @@ class SCoMoESeq(nn.Module):
             first, last = ranges[tier]
             idx = tokens[i]  # (t_tier,)
             capacity = expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
-            y, routing = moe_tier(x[idx], logits[idx, first:last], None if pad_mask is None else pad_mask[idx],
+            y, routing = moe_tier(x.index_select(0, idx), logits.index_select(0, idx)[:, first:last],
+                                  None if pad_mask is None else pad_mask[idx],
                                   capacity, group, self.experts, cfg, self.ledger, tier)
             outputs.append((idx, y))
             tiers[tier] = TierRouting(idx, first, routing)
@@ -585,13 +649,15 @@ class SCoMoESeq(nn.Module):
 
 
 def feat_widths(cfg: "MoEConfig", num_nodes: int) -> tuple[int, int, int]:
-    """Widths (d_local, d_node, d_global) of the three slices; a ratio > 0 must give a slice > 0."""
-    widths = three_way_split(cfg.d_model, cfg.ratio1, cfg.ratio2, num_nodes)
+    """Widths (d_local, d_node, d_global) of the three slices, multiples of cfg.feat_multiple;
+    a ratio > 0 must give a slice > 0."""
+    widths = three_way_split(cfg.d_model, cfg.ratio1, cfg.ratio2, num_nodes, cfg.feat_multiple)
     for tier, ratio, width in zip(TIERS[:2], (cfg.ratio1, cfg.ratio2), widths):
         if ratio > 0 and width == 0:
             raise ValueError(
-                f"SCoMoE-Feat: the {tier} slice of d_model={cfg.d_model} at ratio {ratio} has width 0; "
-                f"raise the ratio to at least 1/{cfg.d_model} or set it to 0"
+                f"SCoMoE-Feat: the {tier} slice of d_model={cfg.d_model} at ratio {ratio} has width 0 "
+                f"(widths are multiples of feat_multiple={cfg.feat_multiple}); raise the ratio to at least "
+                f"{cfg.feat_multiple}/{cfg.d_model}, lower feat_multiple, or set the ratio to 0"
             )
     return widths
 
@@ -667,9 +733,10 @@ class MoEConfig:
     second_expert: str = "argmax"  # "argmax": the second-best expert; "sampling": Gumbel-sampled
     normalize_before_drop: bool = False  # True: GShard's paper; False: fairseq (kept weights renormalised)
     activation: str = "relu"  # expert FFN activation: "relu" or "gelu"
+    feat_multiple: int = 8  # Feat slice widths are rounded down to a multiple of this (aligned GEMMs); 1: exact
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "d_ffn", "num_experts"):
+        for name in ("d_model", "d_ffn", "num_experts", "feat_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")

@@ -270,7 +270,7 @@ def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, exp
                 tier_aux.append(aux)
             aux = torch.stack(tier_aux).mean()
         elif kind == "feat":
-            widths = S.three_way_split(cfg.d_model, cfg.ratio1, cfg.ratio2, N)
+            widths = S.three_way_split(cfg.d_model, cfg.ratio1, cfg.ratio2, N, cfg.feat_multiple)
             groups = {"local": [r], "node": node_ranks, "global": range(world)}
             outs, tier_aux, start = [], [], 0
             for tier, w in zip(S.TIERS, widths):
@@ -324,7 +324,7 @@ def build(kind: str, cfg: S.MoEConfig, topo: S.Topology, case: Case) -> torch.nn
 def widths_of(kind: str, cfg: S.MoEConfig, num_nodes: int) -> dict[str, int] | None:
     if kind != "feat":
         return None
-    return {t: w for t, w in zip(S.TIERS, S.three_way_split(cfg.d_model, cfg.ratio1, cfg.ratio2, num_nodes)) if w}
+    return {t: w for t, w in zip(S.TIERS, S.feat_widths(cfg, num_nodes)) if w}
 
 
 def check_against_reference(kind: str, ranks_per_node: int, cfg_args: dict, counts: list[int], seed: int):
@@ -499,18 +499,23 @@ def test_top2_gating_balanced_aux_is_one_and_sampling_differs():
 
 
 def test_dispatch_and_combine_by_index():
-    """dispatch puts each kept token at (expert, slot) of the buffer; combine returns sum_i w_i * buffer
-    rows, and with an identity expert it returns the input scaled by the kept weight (dropped -> 0)."""
+    """dispatch puts each kept token at (expert, slot) of the buffer, and `source` names the assignment in
+    each slot (-1: empty); combine returns sum_i w_i * buffer rows, and with an identity expert it returns
+    the input scaled by the kept weight (dropped -> 0)."""
     torch.manual_seed(3)
     t, e, d = 10, 3, 4
     x = torch.randn(t, d, dtype=torch.float64)
     routing = S.top2_gating(torch.randn(t, e, dtype=torch.float64), 3)
     buf = S.dispatch(x, routing, e)
     assert buf.shape == (e, 3, d)
+    filled = torch.zeros(e, 3, dtype=torch.bool)
     for i in range(t):
         for c in range(2):
             if routing.kept[i, c]:
                 assert torch.equal(buf[routing.expert[i, c], routing.slot[i, c]], x[i])
+                filled[routing.expert[i, c], routing.slot[i, c]] = True
+    assert routing.source.view(e, 3)[~filled].eq(-1).all() and routing.source.view(e, 3)[filled].ge(0).all()
+    assert (routing.place == torch.where(routing.kept, routing.expert * 3 + routing.slot, -1)).all()
     y = S.combine(buf, routing)
     assert_close(y, x * routing.weight.sum(dim=1, keepdim=True))
 
@@ -526,13 +531,20 @@ def test_capacity_formula_and_three_way_split():
     assert S.three_way_split(10, 0.2, 0.5, 1) == (2, 8, 0)
     assert S.three_way_split(10, 0.25, 0.75, 2) == (2, 8, 0)
     assert S.three_way_split(9, 0.0, 0.0, 2) == (0, 0, 9)
+    assert S.three_way_split(2048, 0.2, 0.5, 2, multiple=8) == (408, 1024, 616)  # Feat: aligned widths
+    assert S.three_way_split(2048, 0.2, 0.5, 1, multiple=8) == (408, 1640, 0)
 
 
 def test_gating_with_no_tokens():
-    """A gate over zero tokens returns empty routing, zero aux loss and an empty output."""
+    """A gate over zero tokens returns empty routing, zero aux loss, all-empty slots and an empty output."""
     routing = S.top2_gating(torch.zeros(0, 4), 3)
     assert routing.expert.shape == (0, 2) and float(routing.aux_loss) == 0.0
-    assert S.combine(S.dispatch(torch.zeros(0, 5), routing, 4), routing).shape == (0, 5)
+    assert routing.source.shape == (12,) and (routing.source == -1).all()
+    x = torch.zeros(0, 5, requires_grad=True)
+    y = S.combine(S.dispatch(x, routing, 4), routing)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert x.grad.shape == (0, 5)
 
 
 # ----------------------------------------------------------------------------
@@ -619,7 +631,8 @@ def test_seq_all_local_runs_no_collective(workers, ranks_per_node):
 def test_feat_matches_reference(workers, ranks_per_node, ratios):
     """SCoMoE-Feat equals a single process that emulates every rank: each slice of d_model gated within
     its tier's experts (their FFN of that slice's width), outputs concatenated; outputs and gradients."""
-    cfg = dict(d_model=8, d_ffn=10, num_experts=8, ratio1=ratios[0], ratio2=ratios[1], capacity_factor=1.0)
+    cfg = dict(d_model=8, d_ffn=10, num_experts=8, ratio1=ratios[0], ratio2=ratios[1], capacity_factor=1.0,
+               feat_multiple=1)
     workers.run(check_against_reference, "feat", ranks_per_node, cfg, COUNTS, 6)
 
 
@@ -680,7 +693,7 @@ def test_ledger_matches_closed_forms(workers):
         assert s["inter_node"] == 4 * (W - G) * n * C_global * d * 8
         # rounding: C and C_global each round up by < 1 slot
         assert abs(s["inter_node"] / g["inter_node"] - (1 - alpha - beta)) <= 1 / C + (1 - alpha - beta) / C
-    feat = workers.run(_ledger_bytes, "feat", base | dict(ratio1=0.25, ratio2=0.25), t)
+    feat = workers.run(_ledger_bytes, "feat", base | dict(ratio1=0.25, ratio2=0.25, feat_multiple=1), t)
     for f, g in zip(feat, gshard):
         assert f["inter_node"] * d == g["inter_node"] * (d - 2 - 2)
 
@@ -720,6 +733,7 @@ def test_same_global_batch_same_output_on_1_and_4_processes(workers):
     (dict(d_model=0), "d_model=0"),
     (dict(second_expert="random"), "second_expert='random'"),
     (dict(activation="tanh"), "activation='tanh'"),
+    (dict(feat_multiple=0), "feat_multiple=0"),
 ])
 def test_config_errors(kwargs, match):
     """Every bad MoEConfig value is a ValueError at construction that names the value."""
@@ -732,9 +746,11 @@ def _layer_errors():
     with pytest.raises(ValueError, match="num_experts=6 is not divisible by the world size 4"):
         S.GShardMoE(S.MoEConfig(d_model=8, d_ffn=8, num_experts=6), topo)
     with pytest.raises(ValueError, match="the local slice of d_model=8 at ratio 0.1 has width 0"):
-        S.SCoMoEFeat(S.MoEConfig(d_model=8, d_ffn=8, num_experts=4, ratio1=0.1, ratio2=0.5), topo)
+        S.SCoMoEFeat(S.MoEConfig(d_model=8, d_ffn=8, num_experts=4, ratio1=0.1, ratio2=0.5, feat_multiple=1), topo)
     with pytest.raises(ValueError, match="the node slice of d_model=8 at ratio 0.05 has width 0"):
-        S.SCoMoEFeat(S.MoEConfig(d_model=8, d_ffn=8, num_experts=4, ratio1=0.5, ratio2=0.05), topo)
+        S.SCoMoEFeat(S.MoEConfig(d_model=8, d_ffn=8, num_experts=4, ratio1=0.5, ratio2=0.05, feat_multiple=1), topo)
+    with pytest.raises(ValueError, match="multiples of feat_multiple=8"):
+        S.SCoMoEFeat(S.MoEConfig(d_model=64, d_ffn=8, num_experts=4, ratio1=0.1, ratio2=0.5), topo)
 
 
 def test_layer_errors(workers):
@@ -1363,7 +1379,7 @@ def test_clustering_on_one_rank_is_the_identity_move():
 
 HERE = Path(__file__).resolve().parent
 TINY = ["--d-model", "16", "--d-ffn", "32", "--layers", "2", "--batch", "8", "--eval-sentences", "16",
-        "--log-every", "5", "--warmup", "5"]
+        "--log-every", "5", "--warmup", "5", "--feat-multiple", "1"]
 RESULT_KEYS = {"moe", "token_cluster", "ratio1", "ratio2", "world_size", "ranks_per_node", "steps", "final_loss",
                "bleu", "step_time_s", "bytes_per_step"}
 
@@ -1493,3 +1509,57 @@ def test_a_collective_that_cannot_complete_fails_after_the_timeout():
         if p.is_alive():
             p.kill()
     assert outcome != "completed" and 2.5 < elapsed < 30, (outcome, elapsed)
+
+
+# ----------------------------------------------------------------------------
+# CUDA (skipped on machines without a GPU; CI has none)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["gshard", "seq", "feat"])
+def test_layers_on_cuda_equal_cpu(kind):
+    """On a GPU, each layer (world of one, float64) gives the CPU's outputs and gradients."""
+    cfg = S.MoEConfig(d_model=8, d_ffn=12, num_experts=4, ratio1=0.25, ratio2=0.5, capacity_factor=1.0,
+                      feat_multiple=1)
+    topo = S.build_topology()
+    case = make_case(30, [40], cfg, widths_of(kind, cfg, 1))
+    results = []
+    for device in ("cpu", "cuda"):
+        layer = build(kind, cfg, topo, case).to(device)
+        x = case.xs[0].detach().clone().to(device).requires_grad_()
+        out = layer(x, case.pads[0].to(device))
+        ((out.y * case.cots[0].to(device)).sum() + out.aux_loss).backward()
+        results.append([t.cpu() for t in (out.y, x.grad, layer.router.weight.grad)])
+    for a, b in zip(*results):
+        assert_close(b, a)
+
+
+@cuda
+def test_balanced_assignment_on_cuda_equals_cpu():
+    """The auction gives the same assignment on the GPU as on the CPU (float64 inside, stable sorts)."""
+    g = torch.Generator().manual_seed(5)
+    for T, C in [(256, 8), (4096, 8), (1000, 10)]:
+        scores = torch.randn(T, C, generator=g)
+        assert torch.equal(S.balanced_assignment(scores.cuda()).cpu(), S.balanced_assignment(scores))
+
+
+@cuda
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+def test_clustering_on_cuda(gate):
+    """On a GPU, clustering then un-clustering on one rank restores the tokens, and the sort's
+    gradient equals the CPU's."""
+    topo = S.build_topology()
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        layer = S.TokenClustering(6, 8, topo, gate=gate).double().to(device)
+        x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
+        x.requires_grad_()
+        y, plan = layer(x)
+        out = S.uncluster(y, plan)
+        out.square().sum().backward()
+        results.append((out.detach().cpu(), x.grad.cpu(), layer.router.weight.grad.cpu()))
+    for a, b in zip(*results):
+        assert_close(b, a)

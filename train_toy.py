@@ -413,12 +413,12 @@ def print0(*a, **k) -> None:
         print(*a, **k, flush=True)
 
 
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few floats over all ranks (identity on one rank)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_sum(values: Tensor) -> list[float]:
+    """Sum a few numbers over all ranks (identity on one rank); one host sync."""
+    values = values.to(torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+        dist.all_reduce(values)
+    return values.tolist()
 
 
 def build_model(args: argparse.Namespace, variant: Variant, task: Task, topo: S.Topology,
@@ -427,7 +427,8 @@ def build_model(args: argparse.Namespace, variant: Variant, task: Task, topo: S.
     if variant.moe != "dense":
         moe_cfg = S.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn,
                               num_experts=args.experts_per_rank * topo.world_size,
-                              capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2)
+                              capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2,
+                              feat_multiple=args.feat_multiple)
     route_to = "node" if args.ratio1 == 0 and topo.num_nodes > 1 else "rank"  # the authors' choice
     cfg = ModelConfig(vocab=task.vocab, d_model=args.d_model, d_ffn=args.d_ffn, layers=args.layers,
                       max_len=max(64, task.max_target_len() + 2), dropout=args.dropout, moe=variant.moe,
@@ -588,7 +589,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         state = RunState()
         torch.manual_seed(args.seed * 7919 + topo.rank)  # dropout: different on every rank
 
-    n_params = sum(p.numel() for p in shared_params) + sum(all_sum([sum(p.numel() for p in expert_params)], device))
+    n_params = sum(p.numel() for p in shared_params) + sum(topo.gather_counts(sum(p.numel() for p in expert_params)))
     print0(f"[{variant.name}] {n_params / 1e6:.2f}M parameters, {topo.world_size} ranks "
            f"({topo.num_nodes} node(s) x {topo.ranks_per_node}), experts per rank {args.experts_per_rank}, "
            f"layers: enc {' '.join(model.encoder.plan)} | dec {' '.join(model.decoder.plan)}")
@@ -598,15 +599,14 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
                 and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
             print(f"rank {topo.rank}: exiting at step {state.step} (--fail-at-step)", flush=True)
             os._exit(1)
-        src, tgt_in, tgt_out = (t.to(device) for t in train_batch(task, state.step, topo.rank,
-                                                                   topo.world_size, args.batch, args.seed))
+        batch = train_batch(task, state.step, topo.rank, topo.world_size, args.batch, args.seed)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
+        n_global = sum(topo.gather_counts(int((batch[2] != PAD).sum())))  # target tokens of all ranks (host)
+        src, tgt_in, tgt_out = (t.to(device, non_blocking=True) for t in batch)
         for group in opt_shared.param_groups + opt_experts.param_groups:
             group["lr"] = lr_at(state.step, args)
-        n_tokens = (tgt_out != PAD).sum()
-        n_global = all_sum([float(n_tokens)], device)[0]
         logits, moe_outs = model(src, tgt_in)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=PAD,
                              reduction="sum", label_smoothing=args.label_smoothing)
@@ -622,12 +622,12 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
             torch.cuda.synchronize()
         state.step_times.append(time.perf_counter() - t0)
 
-        dropped = [float(t.routing.dropped) for o in moe_outs for t in o.tiers.values()]
-        sent = {link: sum(led.total(link=link) for led in model.ledgers()) for link in S.LINK_CLASSES}
+        dropped = [t.routing.dropped.to(ce.dtype) for o in moe_outs for t in o.tiers.values()]
+        sent = [sum(led.total(link=link) for led in model.ledgers()) for link in S.LINK_CLASSES]  # host ints
         for ledger in model.ledgers():
             ledger.reset()
-        totals = all_sum([ce.item(), aux.item(), sum(dropped) / max(len(dropped), 1),
-                          *(sent[link] for link in S.LINK_CLASSES)], device)
+        stats = torch.stack([ce.detach(), aux.detach(), torch.stack(dropped).mean() if dropped else ce.new_zeros(())])
+        totals = all_sum(torch.cat([stats.double(), torch.tensor(sent, dtype=torch.float64, device=device)]))
         state.losses.append(totals[0] / n_global)
         state.auxes.append(totals[1] / topo.world_size)
         for link, b in zip(S.LINK_CLASSES, totals[3:]):
@@ -712,7 +712,7 @@ def trace(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> N
     """One MoE layer on a tiny batch: each token's tier, experts and ranks; bytes per link per tier."""
     d = 8
     cfg = S.MoEConfig(d_model=d, d_ffn=16, num_experts=args.experts_per_rank * topo.world_size,
-                      capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2)
+                      capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2, feat_multiple=1)
     moe = "seq" if args.moe in (None, "dense") else args.moe
     layer = {"gshard": S.GShardMoE, "seq": S.SCoMoESeq, "feat": S.SCoMoEFeat}[moe](cfg, topo).to(device)
     torch.manual_seed(args.seed + topo.rank)
@@ -765,21 +765,205 @@ def timed(fn, reps: int) -> tuple[float, float, object]:
     return statistics.median(times), min(times), out
 
 
+def _layer_step(kind: str, layer: nn.Module, x: Tensor):
+    """One forward + backward of a layer (the clustering step: there and back), for timing."""
+    x.grad = None
+    if kind == "experts":
+        y = layer(x)
+    elif kind == "cluster":
+        moved, plan = layer(x)
+        y = S.uncluster(moved, plan, layer.ledger)
+    else:
+        y = layer(x).y
+    y.float().square().mean().backward()
+
+
+def bench(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> None:
+    """Time one MoE layer forward + backward for gshard, seq, feat and the clustering step, each with
+    real all-to-alls and with local copies of the same shapes (compute only), interleaved rep by rep;
+    the cost model predicts each variant's time from the compute-only time and the ledger's bytes."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    W, G, t, d = topo.world_size, topo.ranks_per_node, args.bench_tokens, args.d_model
+    cfg = S.MoEConfig(d_model=d, d_ffn=args.d_ffn, num_experts=args.experts_per_rank * W,
+                      capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2,
+                      feat_multiple=args.feat_multiple)
+    route_to = "node" if args.ratio1 == 0 and topo.num_nodes > 1 else "rank"
+
+    def make(kind: str, tp: S.Topology) -> nn.Module:
+        torch.manual_seed(args.seed)
+        if kind == "cluster":
+            return S.TokenClustering(d, args.d_ffn, tp, route_to=route_to).to(device, dtype)
+        return {"gshard": S.GShardMoE, "seq": S.SCoMoESeq, "feat": S.SCoMoEFeat}[kind](cfg, tp).to(device, dtype)
+
+    kinds = ["gshard", "seq", "feat", "cluster"]
+    layers = {(kind, mode): make(kind, tp) for kind in kinds
+              for mode, tp in (("real", topo), ("compute", topo.with_local_copies()))}
+    # the expert GEMMs alone, on the buffer GShard's experts see: (n, W * C, d)
+    capacity = S.expert_capacity(t, cfg.num_experts, 2, cfg.capacity_factor)
+    layers["experts", "compute"] = S.Experts(args.experts_per_rank, d, args.d_ffn).to(device, dtype)
+    torch.manual_seed(args.seed + topo.rank)
+    inputs = {key: torch.randn(t, d, device=device, dtype=dtype, requires_grad=True) for key in layers}
+    inputs["experts", "compute"] = torch.randn(args.experts_per_rank, W * capacity, d, device=device, dtype=dtype,
+                                               requires_grad=True)
+    steps = {key: (lambda kind=key[0], layer=layer, x=inputs[key]: _layer_step(kind, layer, x))
+             for key, layer in layers.items()}
+    if args.compile:
+        steps = {key: torch.compile(step) for key, step in steps.items()}
+    times = {key: [] for key in layers}
+    for rep in range(args.reps + 2):  # two warm-up rounds, then reps; the variants interleaved in each
+        for key, layer in layers.items():
+            if dist.is_initialized():
+                dist.barrier()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            steps[key]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = all_max(time.perf_counter() - start, device)  # a layer is as slow as its slowest rank
+            if rep >= 2:
+                times[key].append(elapsed)
+        if rep == 0:
+            for kind in kinds:
+                layers[kind, "real"].ledger.reset()
+        if rep == 1:  # the bytes of exactly one step (the second warm-up), per rank
+            one_step = {kind: layers[kind, "real"].ledger.by_link() for kind in kinds}
+    every_rank = gather_objects(one_step)
+    if topo.rank == 0:
+        report_bench(args, topo, cfg, dtype, device, times, every_rank)
+    if args.profile:
+        for key in [(kind, "real") for kind in kinds] + [("experts", "compute")]:
+            with torch.profiler.profile() as prof:
+                _layer_step(key[0], layers[key], inputs[key])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print0(f"--- profile of {key[0]} (rank 0), forward + backward\n"
+                   + prof.key_averages().table(sort_by=sort_by, row_limit=12, max_name_column_width=40))
+    if dist.is_initialized():
+        dist.barrier()
+    if W == 1:
+        bench_dispatch(args, cfg, device, dtype)
+
+
+def all_max(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def predict(compute_s: float, per_rank: list[dict], topo: S.Topology, args: argparse.Namespace) -> float:
+    """The cost model: compute-only time plus, per link class, the bytes of the busiest sender over its
+    bandwidth. Intra-node: one rank's bytes over --gbps-intra-node; inter-node: one node's bytes (its
+    ranks share the link) over --gbps-inter-node. Latency and overlap are ignored."""
+    G = topo.ranks_per_node
+    intra = max(b["intra_node"] for b in per_rank)
+    inter = max(sum(b["inter_node"] for b in per_rank[n * G:(n + 1) * G]) for n in range(topo.num_nodes))
+    return compute_s + intra * 8 / (args.gbps_intra_node * 1e9) + inter * 8 / (args.gbps_inter_node * 1e9)
+
+
+def report_bench(args, topo, cfg, dtype, device, times, every_rank) -> None:
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    kinds = ["gshard", "seq", "feat", "cluster"]
+    predicted = {k: predict(med[k, "compute"], [r[k] for r in every_rank], topo, args) for k in kinds}
+    rows = []
+    for k in kinds:
+        rows.append({
+            "moe": k, "ratio1": cfg.ratio1, "ratio2": cfg.ratio2, "tokens_per_rank": args.bench_tokens,
+            "d_model": cfg.d_model, "d_ffn": cfg.d_ffn, "experts_per_rank": args.experts_per_rank,
+            "world_size": topo.world_size, "ranks_per_node": topo.ranks_per_node, "dtype": str(dtype).split(".")[1],
+            "device": device.type, "reps": args.reps, "median_s": med[k, "real"], "min_s": min(times[k, "real"]),
+            "compute_only_s": med[k, "compute"],
+            "bytes_per_step": {link: sum(r[k][link] for r in every_rank) for link in S.LINK_CLASSES},
+            "speedup_vs_gshard": med["gshard", "real"] / med[k, "real"],
+            "predicted_s": predicted[k], "predicted_speedup_vs_gshard": predicted["gshard"] / predicted[k],
+            "gbps_intra_node": args.gbps_intra_node, "gbps_inter_node": args.gbps_inter_node,
+        })
+    rows.append({"moe": "experts", "tokens_per_rank": args.bench_tokens, "d_model": cfg.d_model,
+                 "median_s": med["experts", "compute"], "min_s": min(times["experts", "compute"]),
+                 "reps": args.reps, "note": "the expert GEMMs alone, forward + backward, on GShard's buffer"})
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"bench: {topo.world_size} ranks ({topo.num_nodes} node(s) x {topo.ranks_per_node}), {device.type} "
+          f"{rows[0]['dtype']}, {args.bench_tokens} tokens/rank, d={cfg.d_model}, d_ffn={cfg.d_ffn}, "
+          f"{cfg.num_experts} experts, ratios ({cfg.ratio1}, {cfg.ratio2}); median of {args.reps}; "
+          f"model: {args.gbps_intra_node} Gbit/s intra-node per rank, {args.gbps_inter_node} Gbit/s per node link")
+    print(f"{'variant':<8} {'median ms':>9} {'min ms':>8} {'compute':>8} {'comm':>8} {'MB dev':>7} {'node':>7} "
+          f"{'inter':>7} {'speed-up':>8} {'pred ms':>8} {'pred s-up':>9}")
+    for r in rows[:-1]:
+        mb = [r["bytes_per_step"][link] / 1e6 for link in S.LINK_CLASSES]
+        print(f"{r['moe']:<8} {1e3 * r['median_s']:>9.2f} {1e3 * r['min_s']:>8.2f} {1e3 * r['compute_only_s']:>8.2f} "
+              f"{1e3 * (r['median_s'] - r['compute_only_s']):>8.2f} {mb[0]:>7.2f} {mb[1]:>7.2f} {mb[2]:>7.2f} "
+              f"{r['speedup_vs_gshard']:>7.2f}x {1e3 * r['predicted_s']:>8.2f} {r['predicted_speedup_vs_gshard']:>8.2f}x")
+    g = rows[0]
+    print(f"experts  {1e3 * rows[-1]['median_s']:>9.2f} ms: GShard's layer is {g['median_s'] / rows[-1]['median_s']:.2f}x "
+          f"its expert GEMMs; communication is {100 * (1 - g['compute_only_s'] / g['median_s']):.0f}% of GShard's step")
+    print(f"wrote {os.path.join(args.out, 'bench.json')}")
+
+
+def dense_dispatch_combine(x: Tensor, routing: S.Routing, num_experts: int) -> Tensor:
+    """fairseq-style GShard dispatch, the benchmark's baseline: a dense (S, E, C) combine tensor and
+    dispatch mask, and two einsums (s tokens, e experts, c capacity, m model)."""
+    t, k = routing.expert.shape
+    c = routing.capacity
+    combine_sec = x.new_zeros(t, num_experts, c)
+    for i in range(k):  # einsum("se,sc->sec") of each choice, as fairseq's bmm
+        expert = F.one_hot(routing.expert[:, i], num_experts).to(x.dtype) * routing.weight[:, i, None].to(x.dtype)
+        slot = F.one_hot(routing.slot[:, i].clamp(max=c - 1), c).to(x.dtype)
+        combine_sec = combine_sec + torch.bmm(expert.unsqueeze(-1), slot.unsqueeze(1))
+    dispatch_mask = combine_sec.bool().to(x.dtype)
+    dispatched = torch.einsum("sec,sm->ecm", dispatch_mask, x)  # (e, c, m)
+    return torch.einsum("sec,ecm->sm", combine_sec, dispatched)  # (s, m): identity experts
+
+
+def bench_dispatch(args: argparse.Namespace, cfg: S.MoEConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Index dispatch + combine against the dense einsum version, forward + backward, one process."""
+    t, d, E = args.bench_tokens, cfg.d_model, cfg.num_experts
+    torch.manual_seed(args.seed)
+    x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)
+    logits = torch.randn(t, E, device=device, requires_grad=True)
+    routing = S.top2_gating(logits, S.expert_capacity(t, E, 2, cfg.capacity_factor))
+
+    def run(fn) -> float:
+        def step():
+            x.grad = logits.grad = None
+            fn(x, routing, E).float().square().mean().backward(retain_graph=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return timed(step, args.reps)[0]
+
+    dense = run(dense_dispatch_combine)
+    index = run(lambda x, r, e: S.combine(S.dispatch(x, r, e), r))
+    y1, y2 = dense_dispatch_combine(x, routing, E), S.combine(S.dispatch(x, routing, E), routing)
+    torch.testing.assert_close(y1, y2, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-3)
+    print(f"dispatch + combine, forward + backward, {t} tokens, {E} experts, d={d}, capacity "
+          f"{routing.capacity}: dense einsum {1e3 * dense:.1f} ms, index {1e3 * index:.1f} ms: "
+          f"index is {dense / index:.1f}x faster (median of {args.reps})")
+    with open(os.path.join(args.out, "bench_dispatch.json"), "w") as f:
+        json.dump({"tokens": t, "experts": E, "d_model": d, "capacity": routing.capacity, "dense_s": dense,
+                   "index_s": index, "speedup": dense / index, "reps": args.reps}, f, indent=1)
+
+
 def bench_assign(args: argparse.Namespace) -> None:
     """balanced_assignment against scipy's linear_sum_assignment on the expanded (T, T) matrix."""
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError:
         sys.exit("--bench-assign compares against scipy: pip install scipy")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 standard-normal scores; "
-          f"ours: median of {args.reps}, scipy: median of 3 (T <= 4096)")
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    print(f"torch {torch.__version__}, {device.type}, {torch.get_num_threads()} threads; float32 standard-normal "
+          f"scores; ours: median of {args.reps}, scipy (CPU): median of 3 (T <= 4096)")
     print("| T | C | ours (ms) | scipy (ms) | scipy / ours | gap (OPT - ours) / OPT | T*eps bound / OPT |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for T in (1024, 4096, 16384):
         for C in (8, 16, 32):
             g = torch.Generator().manual_seed(1000 * T + C)
             scores = torch.randn(T, C, generator=g)  # (T, C)
-            ours, _, cluster = timed(lambda: S.balanced_assignment(scores), args.reps)
+            on_device = scores.to(device)
+            ours, _, cluster = timed(lambda: S.balanced_assignment(on_device).cpu(), args.reps)
             s64 = scores.double()
             got = float(s64[torch.arange(T), cluster].sum())
             row = f"| {T} | {C} | {ours * 1e3:.1f} |"
@@ -807,6 +991,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cluster-gate", default="softmax", choices=["softmax", "sigmoid"],
                    help="clustering gate: softmax with differentiable sorting, or BASE layers' sigmoid")
     p.add_argument("--trace", action="store_true", help="print each token's tier, experts and ranks, and the bytes per link")
+    p.add_argument("--bench", action="store_true",
+                   help="time one MoE layer forward + backward per variant, with real all-to-alls and compute only")
+    p.add_argument("--bench-tokens", type=int, default=2048, help="--bench: tokens per rank")
+    p.add_argument("--profile", action="store_true", help="--bench: print the costliest operations of each variant")
+    p.add_argument("--compile", action="store_true", help="--bench: run each layer through torch.compile")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="--bench: dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--gbps-intra-node", type=float, default=50.0,
+                   help="cost model: Gbit/s one rank sends to the other ranks of its node")
+    p.add_argument("--gbps-inter-node", type=float, default=1.0,
+                   help="cost model: Gbit/s one node's link carries to other nodes (shared by its ranks)")
     p.add_argument("--bench-assign", action="store_true",
                    help="time balanced_assignment against scipy's exact solver (needs scipy), in this process")
     # SCoMoE
@@ -815,9 +1010,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experts-per-rank", type=int, default=2, help="experts on each rank (E = this x world size)")
     p.add_argument("--capacity-factor", type=float, default=1.25, help="C = ceil(capacity_factor * 2 * tokens / experts)")
     p.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss")
+    p.add_argument("--feat-multiple", type=int, default=8,
+                   help="Feat slice widths are rounded down to a multiple of this (8 keeps GEMMs aligned; 1: exact)")
     # model
-    p.add_argument("--d-model", type=int, default=64, help="model width")
-    p.add_argument("--d-ffn", type=int, default=128, help="FFN and expert hidden width")
+    p.add_argument("--d-model", type=int, default=None, help="model width (default 64; 256 with --bench)")
+    p.add_argument("--d-ffn", type=int, default=None, help="FFN and expert hidden width (default 128; 256 with --bench)")
     p.add_argument("--layers", type=int, default=4, help="encoder layers and decoder layers (MoE in every other)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout")
     # training
@@ -840,9 +1037,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ranks per (emulated) node; default 2 when spawning, LOCAL_WORLD_SIZE under torchrun")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA under torchrun when available, else CPU")
+    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="auto: NCCL on CUDA, gloo on CPU; gloo on CUDA stages collectives through host memory "
+                        "(several ranks on one GPU, which NCCL refuses)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective that cannot complete fails")
     p.add_argument("--reps", type=int, default=15, help="timed repetitions per benchmark case (after a warm-up)")
     args = p.parse_args(argv)
+    args.d_model = args.d_model or (256 if args.bench else 64)
+    args.d_ffn = args.d_ffn or (256 if args.bench else 128)
     check_args(args, p)
     return args
 
@@ -856,11 +1058,14 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
                                   else min(2, world))
     if rpn < 1 or world % rpn != 0:
         p.error(f"--ranks-per-node {rpn} does not divide the {world} ranks: every node holds the same number of ranks")
-    for name in ("experts_per_rank", "d_model", "d_ffn", "layers", "steps", "batch", "warmup", "log_every"):
+    for name in ("experts_per_rank", "d_model", "d_ffn", "layers", "steps", "batch", "warmup", "log_every",
+                 "bench_tokens", "reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.d_model % 4 != 0:
         p.error(f"--d-model {args.d_model}: must be divisible by the 4 attention heads")
+    if args.gbps_intra_node <= 0 or args.gbps_inter_node <= 0:
+        p.error("--gbps-intra-node and --gbps-inter-node must be > 0")
     if args.token_cluster and (args.moe == "dense" or args.layers < 2):
         p.error("--token-cluster needs MoE layers: --moe gshard|seq|feat and --layers >= 2")
     if args.batch * world > 4000:
@@ -869,15 +1074,17 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         p.error("need 0 <= --dropout < 1, --lr > 0, --aux-weight >= 0, --ckpt-every >= 0")
     if args.moe != "dense":
         try:
-            S.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn, num_experts=args.experts_per_rank * world,
-                        capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2)
-            if args.moe in (None, "feat"):
-                S.feat_widths(S.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn, num_experts=world,
-                                          ratio1=args.ratio1, ratio2=args.ratio2), world // rpn)
+            cfg = S.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn, num_experts=args.experts_per_rank * world,
+                              capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2,
+                              feat_multiple=args.feat_multiple)
+            if args.moe in (None, "feat") or args.bench:
+                S.feat_widths(cfg, world // rpn)
         except ValueError as e:
             p.error(str(e))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.backend == "nccl" and args.device != "cuda" and not ("RANK" in os.environ and torch.cuda.is_available()):
+        p.error("--backend nccl needs CUDA tensors: add --device cuda and launch with torchrun")
     if args.device == "cuda" and "RANK" not in os.environ and args.nproc > 1:
         p.error("--device cuda with several processes: launch with torchrun (spawned processes run on the CPU)")
 
@@ -891,6 +1098,8 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 def run(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> None:
     if args.trace:
         return trace(args, topo, device)
+    if args.bench:
+        return bench(args, topo, device)
     task = make_task(TaskConfig(seed=args.seed))
     results = []
     for variant in variants(args):
@@ -907,9 +1116,9 @@ def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Opti
     """Join the process group (gloo on CPU, NCCL on CUDA) and build the topology explicitly."""
     use_cuda = args.device == "cuda" or (args.device == "auto" and port is None and torch.cuda.is_available())
     if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        gpu = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
+        device = torch.device("cuda", gpu)
     else:
         device = torch.device("cpu")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if port is None else world
@@ -924,8 +1133,8 @@ def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Opti
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                                   is_master=not agent and rank == 0, timeout=timeout)
             store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world,
-                                timeout=timeout)
+        backend = args.backend if args.backend != "auto" else "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     rpn = args.ranks_per_node or (min(2, world) if port is not None else None)
     return S.build_topology(rpn), device
 
