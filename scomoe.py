@@ -28,6 +28,8 @@ Shape letters used in comments:
   n  experts on each rank (E / W)                c  capacity: buffer slots per expert
   k  experts per token (2; 1 where a gate has a single expert)
   g  ranks in a communication group              W, G, N  world size, ranks per node, nodes
+  T, C, m  the balanced assignment's tokens, clusters, and tokens per cluster (T / C)
+  U, R, K  an auction round's bidders, clusters that get bids, and most bids on one cluster
 """
 
 from __future__ import annotations
@@ -97,7 +99,14 @@ class Topology:
     node: CommGroup  # the G ranks of this node
     world: CommGroup  # all W ranks
     host_group: Optional[dist.ProcessGroup]  # gloo group for host integers (token counts)
-    local_copy: bool = False  # see with_local_copies
+
+    def group(self, tier: str) -> CommGroup:
+        """The group a tier exchanges tokens in: "local" (this rank), "node" or "global" (the world)."""
+        return {"local": self.local, "node": self.node, "global": self.world}[tier]
+
+    @property
+    def local_copy(self) -> bool:
+        return self.world.local_copy
 
     def with_local_copies(self) -> "Topology":
         """This topology with every collective replaced by a local copy of the same shape.
@@ -107,7 +116,7 @@ class Topology:
         tokens as this one. The ledger still counts the bytes a real run would send.
         """
         local = {name: dataclasses.replace(getattr(self, name), local_copy=True) for name in ("node", "world")}
-        return dataclasses.replace(self, local_copy=True, **local)
+        return dataclasses.replace(self, **local)
 
     def link(self, other: int) -> str:
         """The link class a byte crosses from this rank to rank `other`."""
@@ -215,9 +224,6 @@ class CommLedger:
         """Forward + backward bytes per link class."""
         return {link: self.total(link=link, tag=tag) for link in LINK_CLASSES}
 
-    def tags(self) -> list[str]:
-        return sorted({t for t, _, _ in self.bytes})
-
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()
@@ -292,7 +298,8 @@ class Routing(NamedTuple):
     capacity: int  # c: buffer slots per expert
     aux_loss: Tensor  # () load-balancing loss
     load: Tensor  # (e,) assignments each expert accepted
-    dropped: Tensor  # () share of real (token, choice) assignments past capacity
+    assigned: Tensor  # () real (token, choice) assignments: k * real tokens
+    dropped: Tensor  # () share of the assigned that did not fit (0 without real tokens)
 
 
 def expert_capacity(tokens: int, experts: int, k: int, capacity_factor: float) -> int:
@@ -339,13 +346,13 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
     order = key.sort(stable=True).indices  # (k*t,)
     count = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
     start = count.cumsum(0) - count  # (e+1,): where each expert's run begins in `order`
-    position = torch.empty_like(order).scatter_(0, order, torch.arange(k * t, device=device))  # (k*t,)
-    slot = (position - start[key]).view(k, t).t()  # (t, k)
+    slot = (inverse_permutation(order) - start[key]).view(k, t).t()  # (t, k): rank in the sort - run start
     kept = real[:, None] & (slot < capacity)  # (t, k)
     place = (expert * capacity + slot).masked_fill(~kept, -1)  # (t, k)
     # the inverse map: which assignment (token * k + choice) each of the e * c slots holds
-    source = torch.full((e * capacity + 1,), -1, dtype=torch.long, device=device)  # one spare row for the dropped
-    source = source.scatter_(0, place.reshape(-1) % (e * capacity + 1), torch.arange(t * k, device=device))[:-1]
+    spare = torch.where(place < 0, e * capacity, place)  # (t, k): the dropped all write one spare row
+    source = torch.full((e * capacity + 1,), -1, dtype=torch.long, device=device)
+    source = source.scatter_(0, spare.reshape(-1), torch.arange(t * k, device=device))[:-1]  # (e*c,)
 
     gate = gates.gather(1, expert)  # (t, k)   g_1, g_2
     if normalize_before_drop:
@@ -355,15 +362,21 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
         gate = gate * kept
         weight = gate / gate.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps)
 
-    n_real = real.sum().clamp_min(1)
-    mean_gate = (gates * real[:, None]).sum(dim=0) / n_real  # (e,)  m_e: mean gate value
+    n_real = real.sum()
+    mean_gate = (gates * real[:, None]).sum(dim=0) / n_real.clamp_min(1)  # (e,)  m_e: mean gate value
     first_count = torch.zeros(e, dtype=gates.dtype, device=device).scatter_add_(0, first, real.to(gates.dtype))
-    first_share = first_count / n_real  # (e,)  c_e / S: share of tokens whose first choice is e
+    first_share = first_count / n_real.clamp_min(1)  # (e,)  c_e / S: share of tokens whose first choice is e
     aux_loss = e * (mean_gate * first_share).sum()  # l_aux = E * sum_e m_e * c_e / S   (1 when balanced)
 
     load = torch.zeros(e, dtype=torch.long, device=device).scatter_add_(0, expert.reshape(-1), kept.reshape(-1).long())
-    dropped = 1 - kept.sum() / (k * n_real)
-    return Routing(expert, slot, place, weight, kept, source, capacity, aux_loss, load, dropped)
+    assigned = k * n_real
+    dropped = (assigned - load.sum()) / assigned.clamp_min(1)
+    return Routing(expert, slot, place, weight, kept, source, capacity, aux_loss, load, assigned, dropped)
+
+
+def inverse_permutation(order: Tensor) -> Tensor:
+    """The positions p with order[p] = i, i.e. xs == xs[order][inverse_permutation(order)]: (m,) -> (m,)."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
 
 
 def _take_rows(x: Tensor, index: Tensor, zero_missing: bool) -> Tensor:
@@ -418,11 +431,7 @@ def combine(expert_out: Tensor, routing: Routing) -> Tensor:
     e, c, d = expert_out.shape
     t, k = routing.expert.shape
     picked = _GatherRows.apply(expert_out.reshape(e * c, d), routing.place.reshape(-1), routing.source[:, None])
-    picked = picked.view(t, k, d)  # (t, k, d)
-    w = routing.weight.to(picked.dtype)
-    if k == 1:
-        return picked[:, 0] * w  # (t, d)
-    return torch.addcmul(picked[:, 0] * w[:, :1], picked[:, 1], w[:, 1:])  # (t, d): w_1 y_1 + w_2 y_2
+    return (routing.weight.to(picked.dtype)[..., None] * picked.view(t, k, d)).sum(dim=1)  # (t, d)
 
 
 class Experts(nn.Module):
@@ -463,31 +472,43 @@ class TierRouting(NamedTuple):
 
 
 class MoEOutput(NamedTuple):
-    y: Tensor  # (t, d) layer output
-    aux_loss: Tensor  # () load-balancing loss (mean over the non-empty tiers)
+    y: Tensor  # (t, d) layer output; 0 for padding
+    aux_loss: Tensor  # () load-balancing loss (mean over the tiers that hold real tokens)
     tiers: dict[str, TierRouting]  # "global" for GShard; "local", "node", "global" for SCoMoE
 
 
-def moe_tier(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], capacity: int, group: CommGroup,
-             experts: Experts, cfg: "MoEConfig", ledger: Optional[CommLedger], tag: str) -> tuple[Tensor, Routing]:
-    """One MoE over the experts of `group`: gate -> dispatch -> all-to-all -> experts -> all-to-all -> combine.
+def send_to_experts(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], capacity: int, group: CommGroup,
+                    n: int, cfg: "MoEConfig", ledger: Optional[CommLedger], tag: str) -> tuple[Routing, Tensor]:
+    """Gate over the experts of `group`, dispatch, and send each expert its tokens.
 
     x: (t, d); logits: (t, e) over the e = g * n experts that the g members of
     `group` hold (member j holds experts j*n .. j*n+n-1). Every member calls this
-    with the same capacity.
+    with the same capacity c. Returns the routing and this rank's expert input,
+    (n, g * c, d): each of its n experts' slots from every member.
     """
-    t, d = x.shape
-    g, n = group.size, experts.n
+    d, g = x.shape[1], group.size
     routing = top2_gating(logits, capacity, pad_mask, second_expert=cfg.second_expert,
                           normalize_before_drop=cfg.normalize_before_drop)
     c = routing.capacity
     send = dispatch(x, routing, g * n)  # (g*n, c, d): member-major, as the experts live
     recv = all_to_all(send.view(g * n * c, d), group, ledger=ledger, tag=tag)  # (g*n*c, d): member j's (n, c, d)
-    h = recv.view(g, n, c, d).transpose(0, 1).reshape(n, g * c, d)  # (n, g*c, d): each local expert's tokens
-    h = experts(h)  # (n, g*c, d)
-    back = h.view(n, g, c, d).transpose(0, 1).reshape(g * n * c, d)  # (g*n*c, d)
+    return routing, recv.view(g, n, c, d).transpose(0, 1).reshape(n, g * c, d)  # (n, g*c, d)
+
+
+def return_from_experts(h: Tensor, routing: Routing, group: CommGroup, ledger: Optional[CommLedger],
+                        tag: str) -> Tensor:
+    """Send the experts' outputs (n, g * c, d) back to their tokens' ranks and combine: (t, d)."""
+    n, d, g, c = h.shape[0], h.shape[2], group.size, routing.capacity
+    back = h.view(n, g, c, d).transpose(0, 1).reshape(g * n * c, d)  # (g*n*c, d): member j's slots together
     out = all_to_all(back, group, ledger=ledger, tag=tag).view(g * n, c, d)  # (g*n, c, d)
-    return combine(out, routing), routing
+    return combine(out, routing)  # (t, d)
+
+
+def moe_tier(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], capacity: int, group: CommGroup,
+             experts: Experts, cfg: "MoEConfig", ledger: Optional[CommLedger], tag: str) -> tuple[Tensor, Routing]:
+    """One MoE over the experts of `group`: gate -> dispatch -> all-to-all -> experts -> all-to-all -> combine."""
+    routing, h = send_to_experts(x, logits, pad_mask, capacity, group, experts.n, cfg, ledger, tag)
+    return return_from_experts(experts(h), routing, group, ledger, tag), routing
 
 
 def _check_experts(cfg: "MoEConfig", topology: Topology) -> int:
@@ -500,22 +521,21 @@ def _check_experts(cfg: "MoEConfig", topology: Topology) -> int:
     return cfg.num_experts // topology.world_size
 
 
-def _expert_ranges(topology: Topology, n: int) -> dict[str, tuple[int, int]]:
-    """Global ids [first, last) of the experts each tier routes to: this rank's, this node's, all."""
-    G = topology.ranks_per_node
-    return {
-        "local": (topology.rank * n, (topology.rank + 1) * n),
-        "node": (topology.node_rank * G * n, (topology.node_rank + 1) * G * n),
-        "global": (0, topology.world_size * n),
-    }
+def _expert_range(topology: Topology, n: int, tier: str) -> tuple[int, int]:
+    """Global ids [first, last) of the experts a tier routes to: this rank's, this node's, or all."""
+    members = topology.group(tier).ranks  # contiguous ranks; rank r holds experts r*n .. r*n+n-1
+    return members[0] * n, (members[-1] + 1) * n
 
 
-def _token_counts(topology: Topology, t: int, exchange: bool = True) -> list[int]:
-    """Every rank's token count, in rank order. Without the exchange only this rank's count is
-    known and the others read 0: enough for a layer whose tokens all stay on their rank."""
-    if exchange:
-        return topology.gather_counts(t)
-    return [t if r == topology.rank else 0 for r in range(topology.world_size)]
+def _tier_capacity(largest: int, first: int, last: int, cfg: "MoEConfig") -> int:
+    """Slots per expert of a gate over experts [first, last), from the group's largest token count."""
+    return expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
+
+
+def _real_tokens(t: int, pad_mask: Optional[Tensor]) -> int:
+    """Tokens that are not padding, as a host integer: the layers' one device-to-host copy, made only
+    when a padding mask is given (capacities and tier sizes are shapes, known on the host)."""
+    return t if pad_mask is None else t - int(pad_mask.sum())
 
 
 def _mean_aux(losses: list[Tensor], like: Tensor) -> Tensor:
@@ -535,10 +555,10 @@ class GShardMoE(nn.Module):
         self.ledger = CommLedger()
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
-        counts = _token_counts(self.topology, x.shape[0])  # t of every rank
+        counts = self.topology.gather_counts(_real_tokens(x.shape[0], pad_mask))  # real tokens of every rank
         if max(counts) == 0:
             return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
-        capacity = expert_capacity(max(counts), self.cfg.num_experts, 2, self.cfg.capacity_factor)
+        capacity = _tier_capacity(max(counts), 0, self.cfg.num_experts, self.cfg)
         logits = self.router(x)  # (t, E)
         y, routing = moe_tier(x, logits, pad_mask, capacity, self.topology.world, self.experts,
                               self.cfg, self.ledger, "global")
@@ -570,23 +590,24 @@ def seq_select(scores: Tensor, sizes: tuple[int, int, int], topology: Topology, 
                pad_mask: Optional[Tensor] = None) -> list[Tensor]:
     """Token positions of the local, node and global tiers (each in token order).
 
-    scores: (t, E) detached router scores, viewed as (t, N, G, n). The local
-    tier takes the sizes[0] tokens with the highest mean score over this rank's
-    experts, the node tier the sizes[1] of the rest with the highest mean score
-    over this node's experts, the global tier the remainder. Padding tokens are
-    ranked last; ties go to the earlier token (stable sort).
+    scores: (t, E) detached router scores, viewed as (t, N, G, n); sizes: the
+    tiers' real (non-padding) token counts. The local tier takes the sizes[0] real
+    tokens with the highest mean score over this rank's experts, the node tier the
+    sizes[1] of the rest with the highest mean score over this node's experts, the
+    global tier the remainder. Padding joins the local tier, where it costs no
+    communication. Ties go to the earlier token (stable sorts).
     """
     t = scores.shape[0]
+    n_real = sum(sizes)
     view = scores.view(t, topology.num_nodes, topology.ranks_per_node, n)  # (t, N, G, n)
     local_score = view[:, topology.node_rank, topology.local_rank].mean(dim=-1)  # (t,)
     node_score = view[:, topology.node_rank].mean(dim=(-1, -2))  # (t,)
     if pad_mask is not None:
-        local_score = local_score.masked_fill(pad_mask, float("-inf"))
-        node_score = node_score.masked_fill(pad_mask, float("-inf"))
-    by_local = local_score.sort(descending=True, stable=True).indices  # (t,)
-    rest = by_local[sizes[0]:]  # (t - t_local,)
-    by_node = rest[node_score[rest].sort(descending=True, stable=True).indices]  # (t - t_local,)
-    tiers = [by_local[:sizes[0]], by_node[:sizes[1]], by_node[sizes[1]:]]
+        local_score = local_score.masked_fill(pad_mask, float("-inf"))  # padding sorts after every real token
+    by_local = local_score.sort(descending=True, stable=True).indices  # (t,): real tokens first, by score
+    rest = by_local[sizes[0]:n_real]  # (t_node + t_global,)
+    by_node = rest[node_score[rest].sort(descending=True, stable=True).indices]
+    tiers = [torch.cat([by_local[:sizes[0]], by_local[n_real:]]), by_node[:sizes[1]], by_node[sizes[1]:]]
     return [idx.sort().values for idx in tiers]  # token order: GShard's capacity priority within a tier
 
 
@@ -596,8 +617,9 @@ class SCoMoESeq(nn.Module):
     Local tier: int(alpha * t) tokens gated over this rank's experts, no
     communication. Node tier: int(beta * t) tokens, top-2 over the node's
     experts, all-to-all inside the node. Global tier: the rest, top-2 over all
-    experts, all-to-all over the world. Inter-node bytes fall to about
-    (1 - alpha - beta) of GShard's.
+    experts, all-to-all over the world. t counts real tokens; padding joins the
+    local tier. The tiers share the experts, which run once on all three tiers'
+    tokens. Inter-node bytes fall to about (1 - alpha - beta) of GShard's.
     """
 
     def __init__(self, cfg: "MoEConfig", topology: Topology) -> None:
@@ -610,37 +632,37 @@ class SCoMoESeq(nn.Module):
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         topo, cfg = self.topology, self.cfg
-        split = lambda t: three_way_split(t, cfg.ratio1, cfg.ratio2, topo.num_nodes)  # noqa: E731
-        # every rank's t fixes its tier sizes, hence each tier's capacity; with ratio1 = 1 only the
-        # local tier can hold tokens and nothing is exchanged: the layer runs no collective at all
-        counts = _token_counts(topo, x.shape[0], exchange=cfg.ratio1 < 1)
-        if max(counts) == 0:
-            return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
-        sizes_of_rank = [split(t) for t in counts]  # (local, node, global) of every rank
+        mine = three_way_split(_real_tokens(x.shape[0], pad_mask), cfg.ratio1, cfg.ratio2, topo.num_nodes)
+        # every rank's tier sizes fix each tier's capacity; with ratio1 = 1 every real token is local
+        # on every rank and nothing is exchanged: the layer runs no collective at all
+        everyone = None if cfg.ratio1 == 1 else [
+            three_way_split(c, cfg.ratio1, cfg.ratio2, topo.num_nodes) for c in topo.gather_counts(sum(mine))]
         logits = self.router(x)  # (t, E)
-        tokens = seq_select(logits.detach(), sizes_of_rank[topo.rank], topo, self.n, pad_mask)
-        groups = {"local": topo.local, "node": topo.node, "global": topo.world}
-        ranges = _expert_ranges(topo, self.n)
+        tokens = seq_select(logits.detach(), mine, topo, self.n, pad_mask)
 
-        outputs, tiers, losses = [], {}, []
+        routed = []  # (tier, token positions, routing, this rank's expert input)
         for i, tier in enumerate(TIERS):
-            group = groups[tier]
-            largest = max(sizes_of_rank[r][i] for r in group.ranks)  # the group's largest tier
-            if largest == 0:  # no member has tokens here: the whole group skips the tier
+            group = topo.group(tier)
+            largest = mine[i] if everyone is None else max(everyone[r][i] for r in group.ranks)
+            if largest == 0:  # no member has real tokens here: the whole group skips the tier
                 continue
-            first, last = ranges[tier]
+            first, last = _expert_range(topo, self.n, tier)
             idx = tokens[i]  # (t_tier,)
-            capacity = expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
-            y, routing = moe_tier(x.index_select(0, idx), logits.index_select(0, idx)[:, first:last],
-                                  None if pad_mask is None else pad_mask[idx],
-                                  capacity, group, self.experts, cfg, self.ledger, tier)
-            outputs.append((idx, y))
-            tiers[tier] = TierRouting(idx, first, routing)
-            if idx.numel() > 0:
-                losses.append(routing.aux_loss)
-        # outputs back in token order: y[positions of tier i] = y_i
-        order = torch.cat([idx for idx, _ in outputs])  # (t,)
-        y = torch.cat([y for _, y in outputs]).index_select(0, order.argsort())  # (t, d)
+            routing, h = send_to_experts(x.index_select(0, idx), logits.index_select(0, idx)[:, first:last],
+                                         None if pad_mask is None else pad_mask[idx],
+                                         _tier_capacity(largest, first, last, cfg), group, self.n, cfg,
+                                         self.ledger, tier)
+            routed.append((tier, idx, routing, h))
+        if not routed:  # no real token on any rank
+            return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
+        # the tiers share the experts: one batched FFN over every tier's slots
+        outs = self.experts(torch.cat([h for *_, h in routed], dim=1)).split([h.shape[1] for *_, h in routed], dim=1)
+        y = x.new_zeros(x.shape)  # (t, d); padding in a skipped tier keeps 0
+        for (tier, idx, routing, _), h in zip(routed, outs):
+            y = y.index_copy(0, idx, return_from_experts(h, routing, topo.group(tier), self.ledger, tier))
+        tiers = {tier: TierRouting(idx, _expert_range(topo, self.n, tier)[0], routing)
+                 for tier, idx, routing, _ in routed}
+        losses = [tiers[tier].routing.aux_loss for i, tier in enumerate(TIERS) if tier in tiers and mine[i] > 0]
         return MoEOutput(y, _mean_aux(losses, x), tiers)
 
 
@@ -685,30 +707,27 @@ class SCoMoEFeat(nn.Module):
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         topo, cfg = self.topology, self.cfg
-        # the node and global slices need every rank's t for their capacity; the local slice does not
-        counts = _token_counts(topo, x.shape[0], exchange=self.widths[1] + self.widths[2] > 0)
-        groups = {"local": topo.local, "node": topo.node, "global": topo.world}
-        ranges = _expert_ranges(topo, self.n)
+        n_real = _real_tokens(x.shape[0], pad_mask)
+        # the node and global slices need every rank's count for their capacity; the local slice does not
+        counts = topo.gather_counts(n_real) if self.widths[1] + self.widths[2] > 0 else None
         logits = self.router(x)  # (t, E)
         slices = x.split(self.widths, dim=-1)  # (t, d_local), (t, d_node), (t, d_global)
 
-        outputs, tiers, losses = [], {}, []
+        outputs, tiers = [], {}
         for tier, x_slice in zip(TIERS, slices):
             if tier not in self.experts:  # a slice of width 0
                 continue
-            group = groups[tier]
-            largest = max(counts[r] for r in group.ranks)
-            first, last = ranges[tier]
-            if largest == 0:
+            group = topo.group(tier)
+            largest = n_real if counts is None or tier == "local" else max(counts[r] for r in group.ranks)
+            if largest == 0:  # no member has real tokens: the slice's output is 0
                 outputs.append(x_slice.new_zeros(x_slice.shape))
                 continue
-            capacity = expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
-            y, routing = moe_tier(x_slice, logits[:, first:last], pad_mask, capacity, group,
-                                  self.experts[tier], cfg, self.ledger, tier)
+            first, last = _expert_range(topo, self.n, tier)
+            y, routing = moe_tier(x_slice, logits[:, first:last], pad_mask, _tier_capacity(largest, first, last, cfg),
+                                  group, self.experts[tier], cfg, self.ledger, tier)
             outputs.append(y)
             tiers[tier] = TierRouting(None, first, routing)
-            if x.shape[0] > 0:
-                losses.append(routing.aux_loss)
+        losses = [tr.routing.aux_loss for tr in tiers.values()] if n_real > 0 else []
         return MoEOutput(torch.cat(outputs, dim=-1), _mean_aux(losses, x), tiers)  # (t, d)
 
 
@@ -757,6 +776,14 @@ class MoEConfig:
             raise ValueError(f"activation={self.activation!r} must be 'relu' or 'gelu'")
 
 
+def make_moe_layer(kind: str, cfg: MoEConfig, topology: Topology) -> nn.Module:
+    """The MoE layer of a kind: "gshard", "seq" or "feat"."""
+    layers = {"gshard": GShardMoE, "seq": SCoMoESeq, "feat": SCoMoEFeat}
+    if kind not in layers:
+        raise ValueError(f"kind={kind!r} must be one of {sorted(layers)}")
+    return layers[kind](cfg, topology)
+
+
 # ----------------------------------------------------------------------------
 # 8. Balanced router and differentiable sorting (paper: "Token clustering")
 
@@ -789,11 +816,11 @@ _MAX_ROUNDS_PER_PHASE = 1_000_000
 
 
 def _check_scores(scores) -> tuple[int, int]:
-    if not isinstance(scores, torch.Tensor):
+    if not isinstance(scores, Tensor):
         raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.dim() != 2:
         raise ValueError(
-            f"scores must be 2-D [T tokens, C clusters], got shape {tuple(scores.shape)}; "
+            f"scores must be 2-D (T tokens, C clusters), got shape {tuple(scores.shape)}; "
             "flatten the batch and sequence dims into T first, e.g. scores.reshape(-1, C)"
         )
     if not scores.is_floating_point():
@@ -810,21 +837,22 @@ def _check_scores(scores) -> tuple[int, int]:
             f"balanced assignment needs T to be a positive multiple of C (every cluster "
             f"gets exactly T // C tokens), got T={T} tokens and C={C} clusters; {fix}"
         )
-    if bool(torch.isnan(scores).any()):
-        raise ValueError(
-            "scores contain NaN; replace them before calling, e.g. with "
-            "scores.nan_to_num(nan=float('-inf')) to forbid those token/cluster pairs, "
-            "or with a finite low value to only discourage them"
-        )
-    if bool(torch.isposinf(scores).any()):
-        raise ValueError(
-            "scores contain +inf; use large finite values instead (only -inf is "
-            "supported, meaning 'forbidden token/cluster pair')"
-        )
     return T, C
 
 
-def _bid_for(s_rows: torch.Tensor, price: torch.Tensor, c: torch.Tensor, eps: float):
+def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float]:
+    """(any NaN, any +inf, any -inf, a row all -inf, smallest and largest finite score) of s (T, C),
+    in one host sync."""
+    forbidden = torch.isneginf(s)  # (T, C)
+    finite = s.isfinite()  # (T, C)
+    facts = torch.stack([s.isnan().any(), s.isposinf().any(), forbidden.any(), forbidden.all(dim=1).any()]).to(s.dtype)
+    lo = torch.where(finite, s, torch.inf).amin().reshape(1)
+    hi = torch.where(finite, s, -torch.inf).amax().reshape(1)
+    nan, posinf, neginf, dead_row, lo, hi = torch.cat([facts, lo, hi]).tolist()
+    return bool(nan), bool(posinf), bool(neginf), bool(dead_row), lo, hi
+
+
+def _bid_for(s_rows: Tensor, price: Tensor, c: Tensor, eps: float):
     """The bid of some tokens for cluster c[i] (one cluster per token row).
 
     bid = s[t, c] - w + eps,   w = max_{k != c} (s[t, k] - p[k])
@@ -837,7 +865,7 @@ def _bid_for(s_rows: torch.Tensor, price: torch.Tensor, c: torch.Tensor, eps: fl
     return s_rows.gather(-1, c).squeeze(-1) - w + eps             # (...)
 
 
-def _new_bids(s_rows: torch.Tensor, price: torch.Tensor, eps: float):
+def _new_bids(s_rows: Tensor, price: Tensor, eps: float):
     """Unassigned tokens bid for their best cluster c1 = argmax_c (s[t,c] - p[c]).
 
     The bid is p[c1] + (v1 - v2) + eps >= p[c1] + eps, where v1 and v2 are the
@@ -852,25 +880,15 @@ def _run_rounds(s, price, slot_bid, slot_tok, bidders, eps, m):
     """Run Jacobi auction rounds at a fixed eps until every token holds a cluster.
 
     State, updated in place:
-      slot_bid[c, :]  bids on record in cluster c's m slots, sorted in      [C, m]
+      slot_bid[c, :]  bids on record in cluster c's m slots, sorted in      (C, m)
                       descending order (an empty slot holds the floor)
-      slot_tok[c, :]  the token in each slot (T marks an empty slot)        [C, m]
-      price[c]        = slot_bid[c, m - 1], the lowest bid c holds           [C]
-      bidders         tokens that hold no cluster                           [U]
+      slot_tok[c, :]  the token in each slot (T marks an empty slot)        (C, m)
+      price[c]        = slot_bid[c, m - 1], the lowest bid c holds           (C)
+      bidders         tokens that hold no cluster                           (U)
     A round costs O(U*C + R*m*C + R*(m+K) log(m+K)), where R is the number of
-    clusters that get bids and K is the most bids any one of them gets.  It is
-    never O(T*C) unless R = C, and late rounds often move only one token.
-
-    Termination.  Let Phi = the sum of all slot bids on record.  Take a cluster
-    c that gets bids in a round, with highest new bid b >= p[c] + eps.
-    Refreshing raises every holder's bid, in particular the slot whose bid was
-    p[c].  If no new bid is kept, all m refreshed bids are >= b, so that slot
-    alone rose by >= eps.  Otherwise a kept new bid b' >= p[c] + eps replaces
-    the lowest refreshed bid r, and the slot that held p[c] was refreshed to at
-    least r: together (r - p[c]) + (b' - r) >= eps.  So Phi grows by >= eps
-    per round.  Phi is bounded during a phase: while a token is unassigned, some
-    cluster has an empty slot at its fixed floor f, so no token bids more than
-    (max score - min score) + f + eps.  Hence the number of rounds is finite.
+    clusters that get bids and K is the most bids any one of them gets. Every round
+    raises the sum of the bids on record by at least eps, and that sum is bounded
+    within a phase, so the phase ends (NOTES.md gives the proof).
     """
     T = s.shape[0]
     C = price.numel()
@@ -931,8 +949,8 @@ def _run_rounds(s, price, slot_bid, slot_tok, bidders, eps, m):
     raise RuntimeError("auction did not terminate; this is a bug, please report the input")
 
 
-def _owner(slot_tok: torch.Tensor, T: int) -> torch.Tensor:
-    """The cluster of each token ([T]) from the slot table (all slots full)."""
+def _owner(slot_tok: Tensor, T: int) -> Tensor:
+    """The cluster of each token (T,) from the slot table (all slots full)."""
     C, m = slot_tok.shape
     owner = torch.full((T + 1,), -1, dtype=torch.long, device=slot_tok.device)
     owner[slot_tok.reshape(-1)] = torch.arange(C, device=slot_tok.device).repeat_interleave(m)
@@ -945,16 +963,13 @@ def _start_phase(s, price, owner, eps, m):
     Unassign the rest.  Their slots become empty, at a floor equal to the old
     price.
 
-    owner: [T], the cluster of every token (all assigned at the end of a phase).
+    owner: (T,), the cluster of every token (all assigned at the end of a phase).
     Returns (slot_bid, slot_tok, price, bidders).
     """
     T, C = s.shape
-    v = s - price                                                 # (T, C)
-    v_own = v.gather(1, owner[:, None]).squeeze(1)                # (T)
-    w = v.scatter(1, owner[:, None], _NEG_INF).amax(dim=1)        # (T) best value elsewhere
-    keep = v_own >= w - eps                                       # (T) (CS) at the new eps
-    # renewed bid s(t,own) - w + eps = p(own) + (v_own - w) + eps, >= p(own) if kept
-    bid = torch.where(keep, price[owner] + (v_own - w) + eps, _NEG_INF)   # (T)
+    bid = _bid_for(s, price, owner, eps)                          # (T) renewed bid at the new eps
+    keep = bid >= price[owner]                                    # (T) (CS) at the new eps
+    bid = bid.masked_fill(~keep, _NEG_INF)                        # (T)
     # Lay the tokens out cluster by cluster (each cluster holds exactly m at
     # the end of a phase): kept tokens first, in descending order of bid.
     order = torch.sort(bid, descending=True, stable=True).indices
@@ -968,11 +983,8 @@ def _start_phase(s, price, owner, eps, m):
 
 
 def _n_violators(s, price, owner, eps) -> int:
-    """How many tokens break (CS) at these prices (host sync)."""
-    v = s - price                                                 # (T, C)
-    v_own = v.gather(1, owner[:, None]).squeeze(1)                # (T)
-    w = v.scatter(1, owner[:, None], _NEG_INF).amax(dim=1)        # (T)
-    return int((v_own < w - eps).sum())
+    """How many tokens break (CS) at these prices: their bid at eps is below their cluster's price."""
+    return int((_bid_for(s, price, owner, eps) < price[owner]).sum())  # (host sync)
 
 
 def _repair_prices(s, price, owner, eps):
@@ -1020,19 +1032,19 @@ def _eps_schedule(span: float, eps_final: float) -> list[float]:
     return schedule
 
 
-def balanced_assignment(scores: torch.Tensor, eps: float | None = None) -> torch.LongTensor:
+def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     """Assign T tokens to C clusters, exactly T // C tokens per cluster,
     maximising the total score  sum_t scores[t, cluster[t]].
 
     Args:
-        scores: ``[T, C]`` floating point tensor, of any float dtype and on any
+        scores: ``(T, C)`` floating point tensor, of any float dtype and on any
             device.  ``-inf`` marks a forbidden token/cluster pair.  T must be
             a multiple of C, and T >= C (otherwise pad; see ``padding_scores``).
         eps: final auction slack, > 0.  Default: ``(max - min) / (T + 1)`` over
             the finite scores (``1 / (T + 1)`` if they are all equal).
 
     Returns:
-        ``cluster``: ``[T]`` int64 tensor on ``scores.device``.  Every cluster
+        ``cluster``: ``(T,)`` int64 tensor on ``scores.device``.  Every cluster
         index 0..C-1 occurs exactly T // C times.
 
     Optimality guarantee (the standard auction result):
@@ -1043,12 +1055,7 @@ def balanced_assignment(scores: torch.Tensor, eps: float | None = None) -> torch
         (NOTES.md gives the gap measured against scipy).  For integer-valued scores
         and ``eps < 1 / T`` the result is exactly optimal, because the total is
         an integer within T * eps < 1 of OPT.
-        Proof sketch: for any prices p, every balanced assignment (the optimal
-        one too) has total sum_t (s - p)[t, its cluster] + m * sum_c p[c], so
-            OPT <= sum_t max_c (s[t,c] - p[c]) + m * sum_c p[c]   (weak duality),
-        while (CS) for every token gives
-            sum_t s[t, cluster[t]] = sum_t (s[t, cluster[t]] - p[cluster[t]]) + m * sum_c p[c]
-                                   >= sum_t max_c (s[t,c] - p[c]) - T*eps + m * sum_c p[c].
+        (weak duality with the prices p, and (CS) for every token; NOTES.md gives the proof.)
 
     Algorithm: Bertsekas' forward auction with eps scaling, in Jacobi form: in
         each round every unassigned token bids for its best cluster at once.
@@ -1093,16 +1100,25 @@ def balanced_assignment(scores: torch.Tensor, eps: float | None = None) -> torch
     m = T // C
     dev = scores.device
     s = scores.detach().to(torch.float64)                         # (T, C)
+    nan, posinf, has_forbidden, dead_row, lo, hi = _score_facts(s)
+    if nan:
+        raise ValueError(
+            "scores contain NaN; replace them before calling, e.g. with "
+            "scores.nan_to_num(nan=float('-inf')) to forbid those token/cluster pairs, "
+            "or with a finite low value to only discourage them"
+        )
+    if posinf:
+        raise ValueError(
+            "scores contain +inf; use large finite values instead (only -inf is "
+            "supported, meaning 'forbidden token/cluster pair')"
+        )
     forbidden = torch.isneginf(s)                                 # (T, C)
-    has_forbidden = bool(forbidden.any())
-    if has_forbidden and bool(forbidden.all(dim=1).any()):
+    if dead_row:
         bad = int(forbidden.all(dim=1).nonzero()[0])
         raise ValueError(
             f"infeasible: token {bad} has score -inf for every cluster; give it at "
             "least one finite score (padding rows must be finite)"
         )
-    finite = s[~forbidden]
-    lo, hi = float(finite.min()), float(finite.max())
     span = hi - lo if hi > lo else 1.0                            # the score range
     if eps is None:
         eps = span / (T + 1)
@@ -1188,7 +1204,7 @@ def sort_tokens(x: Tensor, scores: Tensor, order: Tensor, tau: float, pad_mask: 
     """
     t, C = scores.shape
     m = t // C  # slots per cluster
-    logits = scores / tau
+    logits = scores.to(torch.promote_types(scores.dtype, torch.float32)) / tau  # softmax in float32 at least
     if pad_mask is not None:
         logits = logits.masked_fill(pad_mask[:, None], torch.finfo(logits.dtype).min)
     soft = logits.softmax(dim=0)  # (t, C): column e = softmax over tokens of s[:, e] / tau
@@ -1208,7 +1224,7 @@ class ClusterPlan(NamedTuple):
     send_splits: list[int]  # tokens sent to each rank
     recv_splits: list[int]  # tokens received from each rank
     pad_mask: Tensor  # (t_recv,) True for padding among the tokens now on this rank
-    tokens: int  # t: this rank's tokens before padding
+    num_tokens: int  # t: this rank's tokens before padding
     group: CommGroup  # the world
 
 
@@ -1291,4 +1307,4 @@ class TokenClustering(nn.Module):
 def uncluster(y: Tensor, plan: ClusterPlan, ledger: Optional[CommLedger] = None) -> Tensor:
     """Send the tokens back to their ranks and undo the sort: (t_recv, d) -> (t, d), padding removed."""
     back = all_to_all(y, plan.group, plan.recv_splits, plan.send_splits, ledger=ledger, tag="cluster")  # (t_pad, d)
-    return back.index_select(0, plan.order.argsort())[:plan.tokens]  # (t, d) in token order
+    return back.index_select(0, inverse_permutation(plan.order))[:plan.num_tokens]  # (t, d) in token order

@@ -39,7 +39,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import scomoe as S
+import scomoe as sc
 
 # ----------------------------------------------------------------------------
 # The task: one source language translated into several target languages
@@ -218,7 +218,7 @@ class ModelConfig:
     token_cluster: bool = False  # the layer order of PAPER.md, clustering at the first MoE layer
     cluster_gate: str = "softmax"  # "softmax" (differentiable sorting) or "sigmoid" (BASE layers)
     route_to: str = "rank"  # clusters are ranks or nodes
-    moe_cfg: Optional[S.MoEConfig] = None  # the MoE layers' settings (None for dense)
+    moe_cfg: Optional[sc.MoEConfig] = None  # the MoE layers' settings (None for dense)
 
 
 def layer_plan(layers: int, moe: str, token_cluster: bool, decoder: bool) -> list[str]:
@@ -268,13 +268,13 @@ class FFN(nn.Module):
 class MoEFFN(nn.Module):
     """x + MoE(LN(x)) on flat tokens; padding tokens are not routed."""
 
-    def __init__(self, cfg: ModelConfig, topo: S.Topology) -> None:
+    def __init__(self, cfg: ModelConfig, topo: sc.Topology) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.moe = {"gshard": S.GShardMoE, "seq": S.SCoMoESeq, "feat": S.SCoMoEFeat}[cfg.moe](cfg.moe_cfg, topo)
+        self.moe = sc.make_moe_layer(cfg.moe, cfg.moe_cfg, topo)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, pad: Tensor) -> tuple[Tensor, S.MoEOutput]:  # (t, d), (t,)
+    def forward(self, x: Tensor, pad: Tensor) -> tuple[Tensor, sc.MoEOutput]:  # (t, d), (t,)
         out = self.moe(self.norm(x), pad)
         return x + F.dropout(out.y, self.dropout, self.training), out
 
@@ -282,7 +282,7 @@ class MoEFFN(nn.Module):
 class Stack(nn.Module):
     """An encoder or a decoder: pre-LN sublayers in the order of layer_plan, then a final LayerNorm."""
 
-    def __init__(self, cfg: ModelConfig, topo: S.Topology, decoder: bool) -> None:
+    def __init__(self, cfg: ModelConfig, topo: sc.Topology, decoder: bool) -> None:
         super().__init__()
         self.decoder = decoder
         self.plan = layer_plan(cfg.layers, cfg.moe, cfg.token_cluster, decoder)
@@ -295,20 +295,20 @@ class Stack(nn.Module):
             elif kind == "moe":
                 subs.append(MoEFFN(cfg, topo))
             else:
-                subs.append(S.TokenClustering(cfg.d_model, cfg.d_ffn, topo, route_to=cfg.route_to,
+                subs.append(sc.TokenClustering(cfg.d_model, cfg.d_ffn, topo, route_to=cfg.route_to,
                                               gate=cfg.cluster_gate, pre_norm=True))
         self.subs = nn.ModuleList(subs)
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def forward(self, h: Tensor, pad: Tensor, memory: Optional[Tensor] = None,
-                memory_pad: Optional[Tensor] = None) -> tuple[Tensor, list[S.MoEOutput]]:
+                memory_pad: Optional[Tensor] = None) -> tuple[Tensor, list[sc.MoEOutput]]:
         """h: (B, T, d), pad: (B, T) -> (B, T, d) and the MoE layers' outputs (for losses and stats)."""
         B, T, d = h.shape
         self_mask = ~pad[:, None, None, :]  # (B, 1, 1, T): keys that are not padding
         if self.decoder:
             self_mask = self_mask & torch.ones(T, T, dtype=torch.bool, device=h.device).tril()  # causal
         cross_mask = None if memory_pad is None else ~memory_pad[:, None, None, :]
-        outs, plan, flat_pad = [], None, pad.reshape(-1)
+        outs, plan, clustering, flat_pad = [], None, None, pad.reshape(-1)
         for kind, sub in zip(self.plan, self.subs):
             if kind == "self":
                 h = sub(h, None, self_mask)
@@ -318,20 +318,20 @@ class Stack(nn.Module):
                 h = sub(h)
             elif kind == "cluster":  # from here on h is flat tokens that live on their cluster's rank
                 h, plan = sub(h.reshape(B * T, d), flat_pad, detach_router_input=self.decoder and self.training)
-                flat_pad = plan.pad_mask
+                clustering, flat_pad = sub, plan.pad_mask
             else:  # "moe"
                 h_flat, out = sub(h.reshape(-1, d), flat_pad)
                 h = h_flat.view(h.shape)
                 outs.append(out)
         if plan is not None:  # the last MoE layer sends the tokens back and undoes the sort
-            h = S.uncluster(h, plan, self.subs[self.plan.index("cluster")].ledger).view(B, T, d)
+            h = sc.uncluster(h, plan, clustering.ledger).view(B, T, d)
         return self.norm(h), outs
 
 
 class Translator(nn.Module):
     """Shared embeddings (tied output), learned positions, an encoder and a decoder."""
 
-    def __init__(self, cfg: ModelConfig, topo: S.Topology) -> None:
+    def __init__(self, cfg: ModelConfig, topo: sc.Topology) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab, cfg.d_model, padding_idx=PAD)
@@ -344,26 +344,31 @@ class Translator(nn.Module):
         h = self.embed(ids) * self.cfg.d_model**0.5 + self.pos(positions)
         return F.dropout(h, self.cfg.dropout, self.training)
 
-    def encode(self, src: Tensor) -> tuple[Tensor, list[S.MoEOutput]]:
+    def encode(self, src: Tensor) -> tuple[Tensor, list[sc.MoEOutput]]:
         return self.encoder(self.embed_tokens(src), src == PAD)
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, src: Tensor) -> tuple[Tensor, list[S.MoEOutput]]:
+    def decode(self, tgt_in: Tensor, memory: Tensor, src: Tensor) -> tuple[Tensor, list[sc.MoEOutput]]:
         h, outs = self.decoder(self.embed_tokens(tgt_in), tgt_in == PAD, memory, src == PAD)
         return h @ self.embed.weight.t(), outs  # (B, T, vocab)
 
-    def forward(self, src: Tensor, tgt_in: Tensor) -> tuple[Tensor, list[S.MoEOutput]]:
+    def forward(self, src: Tensor, tgt_in: Tensor) -> tuple[Tensor, list[sc.MoEOutput]]:
         memory, enc_outs = self.encode(src)
         logits, dec_outs = self.decode(tgt_in, memory, src)
         return logits, enc_outs + dec_outs
 
-    def ledgers(self) -> list[S.CommLedger]:
-        return [m.ledger for m in self.modules() if isinstance(m, (S.GShardMoE, S.SCoMoESeq, S.SCoMoEFeat,
-                                                                    S.TokenClustering))]
+    def ledgers(self) -> list[sc.CommLedger]:
+        return [m.ledger for m in self.modules() if isinstance(m, (sc.GShardMoE, sc.SCoMoESeq, sc.SCoMoEFeat,
+                                                                    sc.TokenClustering))]
+
+
+def model_fingerprint(model: Translator) -> str:
+    """The model's settings as text: a checkpoint resumes only into the same model."""
+    return repr(model.cfg)
 
 
 def expert_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters each rank holds alone (experts, clustering FFNs): never all-reduced."""
-    return {id(p) for m in model.modules() if isinstance(m, S.Experts) for p in m.parameters()}
+    return {id(p) for m in model.modules() if isinstance(m, sc.Experts) for p in m.parameters()}
 
 
 @torch.no_grad()
@@ -405,7 +410,7 @@ class RunState:
     losses: list = field(default_factory=list)  # global mean loss per step
     auxes: list = field(default_factory=list)
     step_times: list = field(default_factory=list)
-    bytes: dict = field(default_factory=lambda: {link: 0 for link in S.LINK_CLASSES})  # summed over ranks and steps
+    bytes: dict = field(default_factory=lambda: {link: 0 for link in sc.LINK_CLASSES})  # summed over ranks and steps
 
 
 def print0(*a, **k) -> None:
@@ -421,24 +426,31 @@ def all_sum(values: Tensor) -> list[float]:
     return values.tolist()
 
 
-def build_model(args: argparse.Namespace, variant: Variant, task: Task, topo: S.Topology,
+def moe_config(args: argparse.Namespace, world_size: int) -> sc.MoEConfig:
+    """The MoE layers' settings from the command line."""
+    return sc.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn, num_experts=args.experts_per_rank * world_size,
+                        capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2,
+                        feat_multiple=args.feat_multiple)
+
+
+def cluster_route(args: argparse.Namespace, topo: sc.Topology) -> str:
+    """Clusters are nodes when nothing stays on the device (ratio1 = 0) and there are several nodes, as the
+    authors' code does; otherwise ranks."""
+    return "node" if args.ratio1 == 0 and topo.num_nodes > 1 else "rank"
+
+
+def build_model(args: argparse.Namespace, variant: Variant, task: Task, topo: sc.Topology,
                 device: torch.device) -> Translator:
-    moe_cfg = None
-    if variant.moe != "dense":
-        moe_cfg = S.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn,
-                              num_experts=args.experts_per_rank * topo.world_size,
-                              capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2,
-                              feat_multiple=args.feat_multiple)
-    route_to = "node" if args.ratio1 == 0 and topo.num_nodes > 1 else "rank"  # the authors' choice
+    moe_cfg = None if variant.moe == "dense" else moe_config(args, topo.world_size)
     cfg = ModelConfig(vocab=task.vocab, d_model=args.d_model, d_ffn=args.d_ffn, layers=args.layers,
                       max_len=max(64, task.max_target_len() + 2), dropout=args.dropout, moe=variant.moe,
                       token_cluster=variant.token_cluster, cluster_gate=variant.cluster_gate,
-                      route_to=route_to, moe_cfg=moe_cfg)
+                      route_to=cluster_route(args, topo), moe_cfg=moe_cfg)
     torch.manual_seed(args.seed)  # shared parameters: the same on every rank
     model = Translator(cfg, topo).to(device)
     torch.manual_seed(args.seed * 1000 + 1 + topo.rank)  # experts: different on every rank
     for m in model.modules():
-        if isinstance(m, S.Experts):
+        if isinstance(m, sc.Experts):
             m.reset_parameters()
     return model
 
@@ -460,7 +472,7 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(args, variant, model, opt_shared, opt_experts, state: RunState, topo: S.Topology) -> None:
+def save_checkpoint(args, variant, model, opt_shared, opt_experts, state: RunState, topo: sc.Topology) -> None:
     """Shared parameters and their optimizer once (rank 0), each rank's experts, optimizer and RNG
     in its own file, in a directory per step; `latest` names the last complete one."""
     root = ckpt_dir(args, variant)
@@ -480,7 +492,8 @@ def save_checkpoint(args, variant, model, opt_shared, opt_experts, state: RunSta
         dist.barrier()  # every rank's file is on disk
     if topo.rank == 0:
         shared = {n: p.detach().cpu() for n, p in model.named_parameters() if id(p) not in experts}
-        atomic_save({"step": state.step, "world_size": topo.world_size, "shared": shared,
+        atomic_save({"step": state.step, "world_size": topo.world_size, "ranks_per_node": topo.ranks_per_node,
+                     "model": model_fingerprint(model), "shared": shared,
                      "optimizer": opt_shared.state_dict(), "state": state.__dict__},
                     os.path.join(step_dir, "shared.pt"))
         with open(os.path.join(root, "latest.tmp"), "w") as f:
@@ -490,18 +503,20 @@ def save_checkpoint(args, variant, model, opt_shared, opt_experts, state: RunSta
         dist.barrier()
 
 
-def load_checkpoint(args, variant, model, opt_shared, opt_experts, topo: S.Topology) -> Optional[RunState]:
+def load_checkpoint(args, variant, model, opt_shared, opt_experts, topo: sc.Topology) -> Optional[RunState]:
     root = ckpt_dir(args, variant)
     latest = os.path.join(root, "latest")
     if not os.path.exists(latest):
         return None
     with open(latest) as f:
         step_dir = os.path.join(root, f.read().strip())
-    shared = torch.load(os.path.join(step_dir, "shared.pt"), weights_only=False)
-    mine = torch.load(os.path.join(step_dir, f"rank{topo.rank}.pt"), weights_only=False)
-    if shared["world_size"] != topo.world_size or shared["step"] != mine["step"]:
-        raise ValueError(f"checkpoint {step_dir} was written by {shared['world_size']} ranks at step "
-                         f"{shared['step']}; this run has {topo.world_size}: resume with the same world size")
+    shared = torch.load(os.path.join(step_dir, "shared.pt"), weights_only=True)
+    mine = torch.load(os.path.join(step_dir, f"rank{topo.rank}.pt"), weights_only=True)
+    run = {"world_size": topo.world_size, "ranks_per_node": topo.ranks_per_node, "model": model_fingerprint(model)}
+    if {key: shared[key] for key in run} != run or shared["step"] != mine["step"]:
+        raise ValueError(f"checkpoint {step_dir} does not match this run (world size, ranks per node, model "
+                         f"settings: {({key: shared[key] for key in run})} against {run}); resume with the settings "
+                         f"that wrote it, or use another --out")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in {**shared["shared"], **mine["experts"]}.items():
@@ -518,7 +533,10 @@ def sync_shared_gradients(model: nn.Module, experts: set[int]) -> None:
     """All-reduce (sum) the gradients of the replicated parameters in one flat buffer."""
     if not dist.is_initialized():
         return
-    grads = [p.grad for p in model.parameters() if id(p) not in experts and p.grad is not None]
+    for p in model.parameters():  # a parameter this rank did not use still takes part, with gradient 0
+        if id(p) not in experts and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in model.parameters() if id(p) not in experts]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     offset = 0
@@ -527,7 +545,7 @@ def sync_shared_gradients(model: nn.Module, experts: set[int]) -> None:
         offset += g.numel()
 
 
-def evaluate(model: Translator, task: Task, topo: S.Topology, device: torch.device, limit: int) -> dict:
+def evaluate(model: Translator, task: Task, topo: sc.Topology, device: torch.device, limit: int) -> dict:
     """Greedy decoding of the validation set (split over the ranks): corpus BLEU and exact match on rank 0."""
     model.eval()
     valid = task.valid[:limit]
@@ -572,7 +590,7 @@ def gather_objects(obj) -> list:
     return out
 
 
-def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: S.Topology,
+def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: sc.Topology,
                   device: torch.device) -> Optional[dict]:
     """Train one variant for args.steps steps (resuming if asked) and evaluate it; the result on rank 0."""
     model = build_model(args, variant, task, topo, device)
@@ -622,24 +640,26 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
             torch.cuda.synchronize()
         state.step_times.append(time.perf_counter() - t0)
 
-        dropped = [t.routing.dropped.to(ce.dtype) for o in moe_outs for t in o.tiers.values()]
-        sent = [sum(led.total(link=link) for led in model.ledgers()) for link in S.LINK_CLASSES]  # host ints
+        routings = [t.routing for o in moe_outs for t in o.tiers.values()]
+        assigned = torch.stack([r.assigned for r in routings]).sum() if routings else ce.new_zeros(())
+        accepted = torch.stack([r.load.sum() for r in routings]).sum() if routings else ce.new_zeros(())
+        sent = [sum(led.total(link=link) for led in model.ledgers()) for link in sc.LINK_CLASSES]  # host ints
         for ledger in model.ledgers():
             ledger.reset()
-        stats = torch.stack([ce.detach(), aux.detach(), torch.stack(dropped).mean() if dropped else ce.new_zeros(())])
+        stats = torch.stack([ce.detach(), aux.detach(), (assigned - accepted).to(ce.dtype), assigned.to(ce.dtype)])
         totals = all_sum(torch.cat([stats.double(), torch.tensor(sent, dtype=torch.float64, device=device)]))
         state.losses.append(totals[0] / n_global)
         state.auxes.append(totals[1] / topo.world_size)
-        for link, b in zip(S.LINK_CLASSES, totals[3:]):
+        for link, b in zip(sc.LINK_CLASSES, totals[4:]):
             state.bytes[link] += int(b)
         state.step += 1
         if state.step % args.log_every == 0 or state.step == args.steps:
             median = statistics.median(state.step_times[-args.log_every:])
             eta = (args.steps - state.step) * median
-            mb = " ".join(f"{short} {b / 1e6:.2f}" for short, b in zip(("device", "node", "inter"), totals[3:]))
+            mb = " ".join(f"{short} {b / 1e6:.2f}" for short, b in zip(("device", "node", "inter"), totals[4:]))
             print0(f"[{variant.name}] step {state.step}/{args.steps} | loss {state.losses[-1]:.3f} | "
                    f"aux {state.auxes[-1]:.3f} | {n_global / median:,.0f} tgt tok/s | "
-                   f"dropped {100 * totals[2] / topo.world_size:.1f}% | MB/step {mb} | ETA {eta:.0f}s "
+                   f"dropped {100 * totals[2] / max(totals[3], 1):.1f}% | MB/step {mb} | ETA {eta:.0f}s "
                    f"({state.step - first_step} steps this run)")
         if args.ckpt_every and state.step % args.ckpt_every == 0:
             save_checkpoint(args, variant, model, opt_shared, opt_experts, state, topo)
@@ -652,13 +672,14 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     return {
         "variant": variant.name, "moe": variant.moe, "token_cluster": variant.token_cluster,
         "cluster_gate": variant.cluster_gate if variant.token_cluster else None,
-        "ratio1": args.ratio1, "ratio2": args.ratio2, "world_size": topo.world_size,
+        "ratio1": args.ratio1 if variant.moe in ("seq", "feat") else None,
+        "ratio2": args.ratio2 if variant.moe in ("seq", "feat") else None, "world_size": topo.world_size,
         "ranks_per_node": topo.ranks_per_node, "experts_per_rank": args.experts_per_rank,
         "capacity_factor": args.capacity_factor, "seed": args.seed, "steps": state.step,
         "final_loss": statistics.mean(state.losses[-10:]), "bleu": scores["bleu"],
         "exact_match": scores["exact_match"], "example": scores["example"],
         "step_time_s": statistics.median(warm) if warm else None,
-        "bytes_per_step": {link: state.bytes[link] / steps_run for link in S.LINK_CLASSES},
+        "bytes_per_step": {link: state.bytes[link] / steps_run for link in sc.LINK_CLASSES},
         "train_time_s": train_time, "device": device.type, "losses": state.losses, "aux_losses": state.auxes,
     }
 
@@ -676,7 +697,7 @@ def report(results: list[dict], out: str) -> None:
     print(f"\n{'variant':<22} {'BLEU':>6} {'exact':>6} {'loss':>6} {'step s':>7} "
           f"{'MB/step dev':>11} {'node':>7} {'inter':>7} {'speed-up':>9}")
     for r in results:
-        mb = [r["bytes_per_step"][link] / 1e6 for link in S.LINK_CLASSES]
+        mb = [r["bytes_per_step"][link] / 1e6 for link in sc.LINK_CLASSES]
         speed = f"{base['step_time_s'] / r['step_time_s']:.2f}x" if base else "-"
         print(f"{r['variant']:<22} {r['bleu']:>6.1f} {r['exact_match']:>6.2f} {r['final_loss']:>6.3f} "
               f"{r['step_time_s']:>7.3f} {mb[0]:>11.2f} {mb[1]:>7.2f} {mb[2]:>7.2f} {speed:>9}")
@@ -694,7 +715,7 @@ def report(results: list[dict], out: str) -> None:
     ax1.set(xlabel="step", ylabel="training loss", title="loss")
     ax1.legend()
     x = np.arange(len(results))
-    for i, link in enumerate(S.LINK_CLASSES):
+    for i, link in enumerate(sc.LINK_CLASSES):
         ax2.bar(x + (i - 1) * 0.27, [r["bytes_per_step"][link] / 1e6 for r in results], 0.27, label=link)
     ax2.set_xticks(x, [r["variant"] for r in results], rotation=15)
     ax2.set(ylabel="MB per step (all ranks, fwd + bwd)", title="bytes per link class")
@@ -708,13 +729,13 @@ def report(results: list[dict], out: str) -> None:
 # The teaching trace
 
 
-def trace(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> None:
+def trace(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> None:
     """One MoE layer on a tiny batch: each token's tier, experts and ranks; bytes per link per tier."""
     d = 8
-    cfg = S.MoEConfig(d_model=d, d_ffn=16, num_experts=args.experts_per_rank * topo.world_size,
+    cfg = sc.MoEConfig(d_model=d, d_ffn=16, num_experts=args.experts_per_rank * topo.world_size,
                       capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2, feat_multiple=1)
     moe = "seq" if args.moe in (None, "dense") else args.moe
-    layer = {"gshard": S.GShardMoE, "seq": S.SCoMoESeq, "feat": S.SCoMoEFeat}[moe](cfg, topo).to(device)
+    layer = sc.make_moe_layer(moe, cfg, topo).to(device)
     torch.manual_seed(args.seed + topo.rank)
     x = torch.randn(10, d, device=device, requires_grad=True)  # (t, d): 10 tokens on every rank
     out = layer(x)
@@ -730,7 +751,7 @@ def trace(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> N
                      for e, kept, w in zip(experts, r.kept[i].tolist(), r.weight[i].tolist())]
             rows.append((topo.rank, tok, tier, ", ".join(picks)))
     ledger = {(tier, dirn, link): layer.ledger.total(link=link, direction=dirn, tag=tier)
-              for tier in S.TIERS for dirn in ("forward", "backward") for link in S.LINK_CLASSES}
+              for tier in sc.TIERS for dirn in ("forward", "backward") for link in sc.LINK_CLASSES}
     every = gather_objects((sorted(rows, key=lambda r: (r[1], r[2])), ledger))
     if topo.rank != 0:
         return
@@ -743,10 +764,10 @@ def trace(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> N
         for rank, tok, tier, picks in rank_rows:
             print(f"{rank:>4} {tok:>5}  {tier:<6}  {picks}")
     print("\nbytes handed to each link class, summed over ranks (each direction: to the experts and back)")
-    print(f"{'tier':<6} {'direction':<9} " + " ".join(f"{link:>13}" for link in S.LINK_CLASSES))
-    for tier in S.TIERS:
+    print(f"{'tier':<6} {'direction':<9} " + " ".join(f"{link:>13}" for link in sc.LINK_CLASSES))
+    for tier in sc.TIERS:
         for dirn in ("forward", "backward"):
-            total = [sum(led[tier, dirn, link] for _, led in every) for link in S.LINK_CLASSES]
+            total = [sum(led[tier, dirn, link] for _, led in every) for link in sc.LINK_CLASSES]
             print(f"{tier:<6} {dirn:<9} " + " ".join(f"{b:>13,}" for b in total))
 
 
@@ -765,6 +786,9 @@ def timed(fn, reps: int) -> tuple[float, float, object]:
     return statistics.median(times), min(times), out
 
 
+BENCH_KINDS = ("gshard", "seq", "feat", "cluster")  # the layers --bench times, GShard first
+
+
 def _layer_step(kind: str, layer: nn.Module, x: Tensor):
     """One forward + backward of a layer (the clustering step: there and back), for timing."""
     x.grad = None
@@ -772,38 +796,35 @@ def _layer_step(kind: str, layer: nn.Module, x: Tensor):
         y = layer(x)
     elif kind == "cluster":
         moved, plan = layer(x)
-        y = S.uncluster(moved, plan, layer.ledger)
+        y = sc.uncluster(moved, plan, layer.ledger)
     else:
         y = layer(x).y
     y.float().square().mean().backward()
 
 
-def bench(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> None:
+def bench(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> None:
     """Time one MoE layer forward + backward for gshard, seq, feat and the clustering step, each with
     real all-to-alls and with local copies of the same shapes (compute only), interleaved rep by rep;
     the cost model predicts each variant's time from the compute-only time and the ledger's bytes."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     W, G, t, d = topo.world_size, topo.ranks_per_node, args.bench_tokens, args.d_model
-    cfg = S.MoEConfig(d_model=d, d_ffn=args.d_ffn, num_experts=args.experts_per_rank * W,
-                      capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2,
-                      feat_multiple=args.feat_multiple)
-    route_to = "node" if args.ratio1 == 0 and topo.num_nodes > 1 else "rank"
+    cfg = moe_config(args, W)
 
-    def make(kind: str, tp: S.Topology) -> nn.Module:
+    def make(kind: str, tp: sc.Topology) -> nn.Module:
         torch.manual_seed(args.seed)
         if kind == "cluster":
-            return S.TokenClustering(d, args.d_ffn, tp, route_to=route_to).to(device, dtype)
-        return {"gshard": S.GShardMoE, "seq": S.SCoMoESeq, "feat": S.SCoMoEFeat}[kind](cfg, tp).to(device, dtype)
+            return sc.TokenClustering(d, args.d_ffn, tp, route_to=cluster_route(args, tp)).to(device, dtype)
+        return sc.make_moe_layer(kind, cfg, tp).to(device, dtype)
 
-    kinds = ["gshard", "seq", "feat", "cluster"]
+    kinds = BENCH_KINDS
     layers = {(kind, mode): make(kind, tp) for kind in kinds
               for mode, tp in (("real", topo), ("compute", topo.with_local_copies()))}
-    # the expert GEMMs alone, on the buffer GShard's experts see: (n, W * C, d)
-    capacity = S.expert_capacity(t, cfg.num_experts, 2, cfg.capacity_factor)
-    layers["experts", "compute"] = S.Experts(args.experts_per_rank, d, args.d_ffn).to(device, dtype)
     torch.manual_seed(args.seed + topo.rank)
     inputs = {key: torch.randn(t, d, device=device, dtype=dtype, requires_grad=True) for key in layers}
+    # the expert GEMMs alone, on the buffer GShard's experts see: (n, W * C, d)
+    capacity = sc.expert_capacity(t, cfg.num_experts, 2, cfg.capacity_factor)
+    layers["experts", "compute"] = sc.Experts(args.experts_per_rank, d, args.d_ffn).to(device, dtype)
     inputs["experts", "compute"] = torch.randn(args.experts_per_rank, W * capacity, d, device=device, dtype=dtype,
                                                requires_grad=True)
     steps = {key: (lambda kind=key[0], layer=layer, x=inputs[key]: _layer_step(kind, layer, x))
@@ -854,7 +875,7 @@ def all_max(value: float, device: torch.device) -> float:
     return float(t)
 
 
-def predict(compute_s: float, per_rank: list[dict], topo: S.Topology, args: argparse.Namespace) -> float:
+def predict(compute_s: float, per_rank: list[dict], topo: sc.Topology, args: argparse.Namespace) -> float:
     """The cost model: compute-only time plus, per link class, the bytes of the busiest sender over its
     bandwidth. Intra-node: one rank's bytes over --gbps-intra-node; inter-node: one node's bytes (its
     ranks share the link) over --gbps-inter-node. Latency and overlap are ignored."""
@@ -866,7 +887,7 @@ def predict(compute_s: float, per_rank: list[dict], topo: S.Topology, args: argp
 
 def report_bench(args, topo, cfg, dtype, device, times, every_rank) -> None:
     med = {key: statistics.median(ts) for key, ts in times.items()}
-    kinds = ["gshard", "seq", "feat", "cluster"]
+    kinds = BENCH_KINDS
     predicted = {k: predict(med[k, "compute"], [r[k] for r in every_rank], topo, args) for k in kinds}
     rows = []
     for k in kinds:
@@ -876,7 +897,7 @@ def report_bench(args, topo, cfg, dtype, device, times, every_rank) -> None:
             "world_size": topo.world_size, "ranks_per_node": topo.ranks_per_node, "dtype": str(dtype).split(".")[1],
             "device": device.type, "reps": args.reps, "median_s": med[k, "real"], "min_s": min(times[k, "real"]),
             "compute_only_s": med[k, "compute"],
-            "bytes_per_step": {link: sum(r[k][link] for r in every_rank) for link in S.LINK_CLASSES},
+            "bytes_per_step": {link: sum(r[k][link] for r in every_rank) for link in sc.LINK_CLASSES},
             "speedup_vs_gshard": med["gshard", "real"] / med[k, "real"],
             "predicted_s": predicted[k], "predicted_speedup_vs_gshard": predicted["gshard"] / predicted[k],
             "gbps_intra_node": args.gbps_intra_node, "gbps_inter_node": args.gbps_inter_node,
@@ -894,7 +915,7 @@ def report_bench(args, topo, cfg, dtype, device, times, every_rank) -> None:
     print(f"{'variant':<8} {'median ms':>9} {'min ms':>8} {'compute':>8} {'comm':>8} {'MB dev':>7} {'node':>7} "
           f"{'inter':>7} {'speed-up':>8} {'pred ms':>8} {'pred s-up':>9}")
     for r in rows[:-1]:
-        mb = [r["bytes_per_step"][link] / 1e6 for link in S.LINK_CLASSES]
+        mb = [r["bytes_per_step"][link] / 1e6 for link in sc.LINK_CLASSES]
         print(f"{r['moe']:<8} {1e3 * r['median_s']:>9.2f} {1e3 * r['min_s']:>8.2f} {1e3 * r['compute_only_s']:>8.2f} "
               f"{1e3 * (r['median_s'] - r['compute_only_s']):>8.2f} {mb[0]:>7.2f} {mb[1]:>7.2f} {mb[2]:>7.2f} "
               f"{r['speedup_vs_gshard']:>7.2f}x {1e3 * r['predicted_s']:>8.2f} {r['predicted_speedup_vs_gshard']:>8.2f}x")
@@ -904,7 +925,7 @@ def report_bench(args, topo, cfg, dtype, device, times, every_rank) -> None:
     print(f"wrote {os.path.join(args.out, 'bench.json')}")
 
 
-def dense_dispatch_combine(x: Tensor, routing: S.Routing, num_experts: int) -> Tensor:
+def dense_dispatch_combine(x: Tensor, routing: sc.Routing, num_experts: int) -> Tensor:
     """fairseq-style GShard dispatch, the benchmark's baseline: a dense (S, E, C) combine tensor and
     dispatch mask, and two einsums (s tokens, e experts, c capacity, m model)."""
     t, k = routing.expert.shape
@@ -919,13 +940,13 @@ def dense_dispatch_combine(x: Tensor, routing: S.Routing, num_experts: int) -> T
     return torch.einsum("sec,ecm->sm", combine_sec, dispatched)  # (s, m): identity experts
 
 
-def bench_dispatch(args: argparse.Namespace, cfg: S.MoEConfig, device: torch.device, dtype: torch.dtype) -> None:
+def bench_dispatch(args: argparse.Namespace, cfg: sc.MoEConfig, device: torch.device, dtype: torch.dtype) -> None:
     """Index dispatch + combine against the dense einsum version, forward + backward, one process."""
     t, d, E = args.bench_tokens, cfg.d_model, cfg.num_experts
     torch.manual_seed(args.seed)
     x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)
     logits = torch.randn(t, E, device=device, requires_grad=True)
-    routing = S.top2_gating(logits, S.expert_capacity(t, E, 2, cfg.capacity_factor))
+    routing = sc.top2_gating(logits, sc.expert_capacity(t, E, 2, cfg.capacity_factor))
 
     def run(fn) -> float:
         def step():
@@ -936,8 +957,8 @@ def bench_dispatch(args: argparse.Namespace, cfg: S.MoEConfig, device: torch.dev
         return timed(step, args.reps)[0]
 
     dense = run(dense_dispatch_combine)
-    index = run(lambda x, r, e: S.combine(S.dispatch(x, r, e), r))
-    y1, y2 = dense_dispatch_combine(x, routing, E), S.combine(S.dispatch(x, routing, E), routing)
+    index = run(lambda x, r, e: sc.combine(sc.dispatch(x, r, e), r))
+    y1, y2 = dense_dispatch_combine(x, routing, E), sc.combine(sc.dispatch(x, routing, E), routing)
     torch.testing.assert_close(y1, y2, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-3)
     print(f"dispatch + combine, forward + backward, {t} tokens, {E} experts, d={d}, capacity "
           f"{routing.capacity}: dense einsum {1e3 * dense:.1f} ms, index {1e3 * index:.1f} ms: "
@@ -958,12 +979,12 @@ def bench_assign(args: argparse.Namespace) -> None:
           f"scores; ours: median of {args.reps}, scipy (CPU): median of 3 (T <= 4096)")
     print("| T | C | ours (ms) | scipy (ms) | scipy / ours | gap (OPT - ours) / OPT | T*eps bound / OPT |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for T in (1024, 4096, 16384):
-        for C in (8, 16, 32):
+    for T in [int(v) for v in args.assign_tokens.split(",")]:
+        for C in [int(v) for v in args.assign_clusters.split(",")]:
             g = torch.Generator().manual_seed(1000 * T + C)
             scores = torch.randn(T, C, generator=g)  # (T, C)
             on_device = scores.to(device)
-            ours, _, cluster = timed(lambda: S.balanced_assignment(on_device).cpu(), args.reps)
+            ours, _, cluster = timed(lambda: sc.balanced_assignment(on_device).cpu(), args.reps)
             s64 = scores.double()
             got = float(s64[torch.arange(T), cluster].sum())
             row = f"| {T} | {C} | {ours * 1e3:.1f} |"
@@ -1004,6 +1025,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cost model: Gbit/s one node's link carries to other nodes (shared by its ranks)")
     p.add_argument("--bench-assign", action="store_true",
                    help="time balanced_assignment against scipy's exact solver (needs scipy), in this process")
+    p.add_argument("--assign-tokens", default="1024,4096,16384", help="--bench-assign: token counts T")
+    p.add_argument("--assign-clusters", default="8,16,32", help="--bench-assign: cluster counts C")
     # SCoMoE
     p.add_argument("--ratio1", type=float, default=0.2, help="alpha: share of tokens (Seq) or width (Feat) kept on the device")
     p.add_argument("--ratio2", type=float, default=0.5, help="beta: share served inside the node")
@@ -1043,8 +1066,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective that cannot complete fails")
     p.add_argument("--reps", type=int, default=15, help="timed repetitions per benchmark case (after a warm-up)")
     args = p.parse_args(argv)
-    args.d_model = args.d_model or (256 if args.bench else 64)
-    args.d_ffn = args.d_ffn or (256 if args.bench else 128)
+    if args.d_model is None:
+        args.d_model = 256 if args.bench else 64
+    if args.d_ffn is None:
+        args.d_ffn = 256 if args.bench else 128
     check_args(args, p)
     return args
 
@@ -1054,31 +1079,42 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     world = int(os.environ.get("WORLD_SIZE", args.nproc)) if "RANK" in os.environ else args.nproc
     if "RANK" not in os.environ and args.nproc < 1:
         p.error(f"--nproc {args.nproc}: need at least one process")
-    rpn = args.ranks_per_node or (int(os.environ.get("LOCAL_WORLD_SIZE", world)) if "RANK" in os.environ
-                                  else min(2, world))
+    rpn = args.ranks_per_node
+    if rpn is None:
+        rpn = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if "RANK" in os.environ else min(2, world)
     if rpn < 1 or world % rpn != 0:
         p.error(f"--ranks-per-node {rpn} does not divide the {world} ranks: every node holds the same number of ranks")
     for name in ("experts_per_rank", "d_model", "d_ffn", "layers", "steps", "batch", "warmup", "log_every",
-                 "bench_tokens", "reps"):
+                 "bench_tokens", "reps", "eval_sentences", "feat_multiple"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.d_model % 4 != 0:
         p.error(f"--d-model {args.d_model}: must be divisible by the 4 attention heads")
     if args.gbps_intra_node <= 0 or args.gbps_inter_node <= 0:
         p.error("--gbps-intra-node and --gbps-inter-node must be > 0")
-    if args.token_cluster and (args.moe == "dense" or args.layers < 2):
-        p.error("--token-cluster needs MoE layers: --moe gshard|seq|feat and --layers >= 2")
+    if args.token_cluster and (args.moe == "dense" or args.layers < 4):
+        p.error("--token-cluster needs --layers >= 4 (the clustering layer and at least one MoE layer after it) "
+                "and --moe gshard|seq|feat")
     if args.batch * world > 4000:
         p.error(f"--batch {args.batch} x {world} ranks exceeds the 4000 training pairs")
     if not 0 <= args.dropout < 1 or args.lr <= 0 or args.aux_weight < 0 or args.ckpt_every < 0:
         p.error("need 0 <= --dropout < 1, --lr > 0, --aux-weight >= 0, --ckpt-every >= 0")
+    if not 0 <= args.label_smoothing < 1:
+        p.error(f"--label-smoothing {args.label_smoothing}: must lie in [0, 1)")
+    try:
+        sizes = [(int(T), int(C)) for T in args.assign_tokens.split(",") for C in args.assign_clusters.split(",")]
+    except ValueError:
+        p.error(f"--assign-tokens {args.assign_tokens!r} and --assign-clusters {args.assign_clusters!r} "
+                f"must be comma-separated integers")
+    if any(C < 1 or T < C or T % C for T, C in sizes):
+        p.error("--assign-tokens must be multiples of every --assign-clusters value (and at least as large)")
+    if args.timeout <= 0:
+        p.error(f"--timeout {args.timeout:g}: must be > 0 seconds")
     if args.moe != "dense":
         try:
-            cfg = S.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn, num_experts=args.experts_per_rank * world,
-                              capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2,
-                              feat_multiple=args.feat_multiple)
+            cfg = moe_config(args, world)
             if args.moe in (None, "feat") or args.bench:
-                S.feat_widths(cfg, world // rpn)
+                sc.feat_widths(cfg, world // rpn)
         except ValueError as e:
             p.error(str(e))
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1095,7 +1131,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     return [Variant(args.moe, args.token_cluster, args.cluster_gate)]
 
 
-def run(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> None:
+def run(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> None:
     if args.trace:
         return trace(args, topo, device)
     if args.bench:
@@ -1112,7 +1148,7 @@ def run(args: argparse.Namespace, topo: S.Topology, device: torch.device) -> Non
         report(results, args.out)
 
 
-def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Optional[int]) -> tuple[S.Topology, torch.device]:
+def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Optional[int]) -> tuple[sc.Topology, torch.device]:
     """Join the process group (gloo on CPU, NCCL on CUDA) and build the topology explicitly."""
     use_cuda = args.device == "cuda" or (args.device == "auto" and port is None and torch.cuda.is_available())
     if use_cuda:
@@ -1135,8 +1171,8 @@ def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Opti
             store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         backend = args.backend if args.backend != "auto" else "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    rpn = args.ranks_per_node or (min(2, world) if port is not None else None)
-    return S.build_topology(rpn), device
+    rpn = args.ranks_per_node if args.ranks_per_node is not None else min(2, world) if port is not None else None
+    return sc.build_topology(rpn), device
 
 
 def _worker(rank: int, args: argparse.Namespace, world: int, port: Optional[int]) -> None:
