@@ -123,16 +123,21 @@ class Topology:
         return link_class(self.rank, other, self.ranks_per_node)
 
     def gather_counts(self, count: int) -> list[int]:
-        """Every rank's `count` (a host integer such as a token count), in rank order.
+        """Every rank's `count` (a host integer such as a token count), in rank order."""
+        return [values[0] for values in self.gather_lists([count])]
 
-        Runs over a gloo group on the CPU, so that a GPU stream never waits on it.
+    def gather_lists(self, values: Sequence[int]) -> list[list[int]]:
+        """Every rank's list of host integers (the same length on every rank), in rank order.
+
+        Runs over a gloo group on the CPU, so that a GPU stream never waits on it. Under
+        local copies every rank is assumed to hold this rank's values.
         """
         if self.world_size == 1 or self.local_copy:
-            return [count] * self.world_size
-        mine = torch.tensor([count], dtype=torch.int64)
+            return [list(values)] * self.world_size
+        mine = torch.tensor(list(values), dtype=torch.int64)
         every = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine, group=self.host_group)
-        return [int(c) for c in every]
+        return [e.tolist() for e in every]
 
 
 def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
@@ -1259,41 +1264,55 @@ class TokenClustering(nn.Module):
         self.norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
         self.ledger = CommLedger()
 
-    def cluster(self, x: Tensor, pad_mask: Optional[Tensor] = None,
-                detach_router_input: bool = False) -> tuple[Tensor, ClusterPlan]:
-        """Send every token to its cluster's rank: (t, d) -> (t_recv, d), and the plan."""
+    def cluster(self, x: Tensor, pad_mask: Optional[Tensor] = None, detach_router_input: bool = False,
+                balanced: bool = True) -> tuple[Tensor, ClusterPlan]:
+        """Send every token to its cluster's rank: (t, d) -> (t_recv, d), and the plan.
+
+        balanced=False routes each token to its best cluster instead (the authors' greedy option
+        for autoregressive inference: a decoder's tokens at one step are too few, and too alike,
+        to be split evenly); the split sizes then vary, and the sort is hard.
+        """
         topo = self.topology
         t, d = x.shape
-        W = topo.world_size
-        pad = (-t) % W  # pad t to a multiple of W: every rank takes the same share of every cluster
+        W, G = topo.world_size, topo.ranks_per_node
+        pad = (-t) % W if balanced else 0  # balanced: t_pad a multiple of W, the same share to every rank
         x = torch.cat([x, x.new_zeros(pad, d)])  # (t_pad, d)
         is_pad = torch.zeros(t + pad, dtype=torch.bool, device=x.device)
         is_pad[t:] = True
         if pad_mask is not None:
             is_pad[:t] = pad_mask
         scores = self.router(self.norm(x.detach() if detach_router_input else x))  # (t_pad, C)
-        share = (t + pad) // W  # tokens this rank sends to each rank
         if t + pad == 0:
             order = torch.zeros(0, dtype=torch.long, device=x.device)
-        else:
+            send = [0] * W
+        elif balanced:
             # padding scores lie below every real token's, so padding is assigned last
             cluster = balanced_assignment(padding_scores(scores.detach(), is_pad))  # (t_pad,)
             order = cluster.sort(stable=True).indices  # (t_pad,): slots by cluster, token order within
-        # slots of cluster c are ranks c*G .. (node) or rank c (rank): slot i goes to rank i // share
-        if self.gate == "softmax" and t + pad > 0:
+            # cluster c's slots go to rank c (rank) or spread over ranks c*G .. (node): slot i to rank i // share
+            send = [(t + pad) // W] * W
+        else:
+            mine = topo.rank if self.route_to == "rank" else topo.node_rank
+            cluster = scores.detach().argmax(dim=-1).masked_fill(is_pad, mine)  # (t,): padding stays home
+            order = cluster.sort(stable=True).indices  # (t,)
+            count = torch.zeros(self.num_clusters, dtype=torch.long, device=x.device).scatter_add_(
+                0, cluster, torch.ones_like(cluster)).tolist()  # tokens per cluster (host sync)
+            # a node's tokens are spread over its ranks as evenly as they go, in slot order
+            send = count if self.route_to == "rank" else [
+                count[r // G] // G + (r % G < count[r // G] % G) for r in range(W)]
+        if self.gate == "softmax" and balanced and t + pad > 0:
             sent = sort_tokens(x, scores, order, self.tau, is_pad)  # (t_pad, d)
         else:
             sent = x[order]  # (t_pad, d)
-        send = [share] * W
-        recv = [c // W for c in topo.gather_counts(t + pad)]  # every rank sends us its t_pad / W
+        recv = [sends[topo.rank] for sends in topo.gather_lists(send)]  # what every rank sends us
         moved = all_to_all(sent, topo.world, send, recv, ledger=self.ledger, tag="cluster")  # (t_recv, d)
         moved_pad = all_to_all(is_pad[order].to(torch.uint8), topo.world, send, recv, ledger=self.ledger,
                                tag="cluster").bool()  # (t_recv,)
         return moved, ClusterPlan(order, send, recv, moved_pad, t, topo.world)
 
-    def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None,
-                detach_router_input: bool = False) -> tuple[Tensor, ClusterPlan]:
-        moved, plan = self.cluster(x, pad_mask, detach_router_input)  # (t_recv, d)
+    def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None, detach_router_input: bool = False,
+                balanced: bool = True) -> tuple[Tensor, ClusterPlan]:
+        moved, plan = self.cluster(x, pad_mask, detach_router_input, balanced)  # (t_recv, d)
         z = self.norm(moved)  # (t_recv, d)
         h = self.ffn(z[None])[0]  # (t_recv, d)
         if self.gate == "softmax":

@@ -1254,30 +1254,43 @@ def test_sort_tokens_is_linear_in_t():
 # 9. Token clustering
 
 
-def reference_cluster(xs, pads, router, ffn_p, world, ranks_per_node, route_to, gate, tau, detach=False):
+def reference_cluster(xs, pads, router, ffn_p, world, ranks_per_node, route_to, gate, tau, detach=False,
+                      balanced=True):
     """Emulate the clustering layer of every rank with explicit (t, t) sort matrices and explicit
     chunk exchange: per rank, the tokens that arrive (after x + FFN(x) or the sigmoid gate), their
-    padding mask, and what uncluster needs (order, shares)."""
+    padding mask, and what uncluster needs (order, split sizes, token counts)."""
     W, G = world, ranks_per_node
-    chunks, orders, shares, counts = {}, [], [], []
+    chunks, orders, splits, counts = {}, [], [], []
     for r in range(W):
         x, t = xs[r], xs[r].shape[0]
-        pad_n = (-t) % W
+        pad_n = (-t) % W if balanced else 0
         xp = torch.cat([x, x.new_zeros(pad_n, x.shape[1])])
         is_pad = torch.cat([pads[r], torch.ones(pad_n, dtype=torch.bool)])
         scores = (xp.detach() if detach else xp) @ router.t()  # (t_pad, C)
-        cluster = sc.balanced_assignment(sc.padding_scores(scores.detach(), is_pad))
-        order = sorted(range(len(xp)), key=lambda i: (int(cluster[i]), i))
-        if gate == "softmax":
+        if balanced:
+            cluster = sc.balanced_assignment(sc.padding_scores(scores.detach(), is_pad)).tolist()
+        else:  # each token to its best cluster; padding stays on its rank's cluster
+            home = r if route_to == "rank" else r // G
+            cluster = [home if is_pad[i] else int(scores[i].argmax()) for i in range(len(xp))]
+        order = sorted(range(len(xp)), key=lambda i: (cluster[i], i))
+        if gate == "softmax" and balanced:
             M, _ = explicit_sort_matrix(scores, torch.tensor(order), tau, is_pad)
             sent = M @ xp
         else:
             sent = xp[order]
-        share = len(xp) // W
+        if balanced:
+            split = [len(xp) // W] * W
+        elif route_to == "rank":
+            split = [cluster.count(j) for j in range(W)]
+        else:  # a node's tokens spread over its G ranks, the first ones taking one more
+            per_node = [cluster.count(n) for n in range(W // G)]
+            split = [per_node[j // G] // G + (j % G < per_node[j // G] % G) for j in range(W)]
+        starts = [sum(split[:j]) for j in range(W)]
         for j in range(W):
-            chunks[r, j] = (sent[j * share:(j + 1) * share], is_pad[order][j * share:(j + 1) * share])
+            rows = slice(starts[j], starts[j] + split[j])
+            chunks[r, j] = (sent[rows], is_pad[order][rows])
         orders.append(order)
-        shares.append(share)
+        splits.append(split)
         counts.append(t)
     ys, moved_pads = [], []
     for j in range(W):
@@ -1290,17 +1303,20 @@ def reference_cluster(xs, pads, router, ffn_p, world, ranks_per_node, route_to, 
             w_c = router[j if route_to == "rank" else j // G]
             g = torch.sigmoid((moved.detach() if detach else moved) @ w_c)[:, None]
             ys.append(g * h + (1 - g) * moved)
-    return ys, moved_pads, (orders, shares, counts)
+    return ys, moved_pads, (orders, splits, counts)
 
 
 def reference_uncluster(ys, how):
     """Send every rank's chunks back to their source and undo each source's sort."""
-    orders, shares, counts = how
+    orders, splits, counts = how
     W = len(ys)
     outs = []
     for r in range(W):
-        start = sum(shares[:r])  # rank r's rows sit after those of ranks 0 .. r-1 on every destination
-        back = torch.cat([ys[j][start:start + shares[r]] for j in range(W)])
+        back = []
+        for j in range(W):  # on rank j, rank r's rows sit after those of ranks 0 .. r-1
+            start = sum(splits[q][j] for q in range(r))
+            back.append(ys[j][start:start + splits[r][j]])
+        back = torch.cat(back)
         inverse = torch.empty(len(orders[r]), dtype=torch.long)
         inverse[torch.tensor(orders[r], dtype=torch.long)] = torch.arange(len(orders[r]))
         outs.append(back[inverse][:counts[r]])
@@ -1326,7 +1342,7 @@ def build_clustering(topo, d, f, route_to, gate, router, ffn_p):
     return layer
 
 
-def _cluster_roundtrip(route_to: str, gate: str):
+def _cluster_roundtrip(route_to: str, gate: str, balanced: bool = True):
     topo = sc.build_topology(2)
     d, f = 6, 8
     C = topo.world_size if route_to == "rank" else topo.num_nodes
@@ -1334,10 +1350,14 @@ def _cluster_roundtrip(route_to: str, gate: str):
     case = make_case(11, COUNTS, sc.MoEConfig(d_model=d, d_ffn=f, num_experts=4))
     layer = build_clustering(topo, d, f, route_to, gate, router, ffn_p)
     x = case.xs[topo.rank].clone().requires_grad_()
-    moved, plan = layer.cluster(x, case.pads[topo.rank])
-    # every rank receives t_pad / W tokens from every rank
-    padded = [t + (-t) % WORLD for t in COUNTS]
-    assert plan.recv_splits == [t // WORLD for t in padded] and plan.send_splits == [padded[topo.rank] // WORLD] * WORLD
+    moved, plan = layer.cluster(x, case.pads[topo.rank], balanced=balanced)
+    every_send = [sends for sends in topo.gather_lists(plan.send_splits)]
+    assert plan.recv_splits == [sends[topo.rank] for sends in every_send]  # what each rank sent us
+    if balanced:  # every rank receives t_pad / W tokens from every rank
+        padded = [t + (-t) % WORLD for t in COUNTS]
+        assert plan.recv_splits == [t // WORLD for t in padded] and plan.send_splits == [padded[topo.rank] // WORLD] * WORLD
+    else:
+        assert sum(plan.send_splits) == COUNTS[topo.rank]
     back = sc.uncluster(moved, plan, layer.ledger)
     assert_close(back, x.detach(), rtol=0, atol=0)
     # the ledger: the clustering all-to-all (rows of d float64 and a 1-byte mask per token) and its way back
@@ -1351,22 +1371,24 @@ def _cluster_roundtrip(route_to: str, gate: str):
         out_rows = sum(s for j, s in enumerate(plan.send_splits) if topo.link(j) == link)
         in_rows = sum(s for j, s in enumerate(plan.recv_splits) if topo.link(j) == link)
         assert layer.ledger.total(link=link, direction="backward") == in_rows * rows + out_rows * rows
-    if gate == "sigmoid":  # the hard sort: the round trip's gradient is the identity
+    if gate == "sigmoid" or not balanced:  # the hard sort: the round trip's gradient is the identity
         assert_close(x.grad, case.cots[topo.rank], rtol=0, atol=0)
     else:  # differentiable sorting: the identity plus the path through the router's softmax
         assert not torch.equal(x.grad, case.cots[topo.rank])
 
 
 @pytest.mark.parametrize("route_to", ["rank", "node"])
-@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
-def test_cluster_then_uncluster_restores_every_token(workers, route_to, gate):
+@pytest.mark.parametrize("gate, balanced", [("softmax", True), ("sigmoid", True), ("softmax", False)])
+def test_cluster_then_uncluster_restores_every_token(workers, route_to, gate, balanced):
     """Clustering then un-clustering returns every token to its rank and place exactly (padding
-    removed), with gradient the identity for the hard sort (the sigmoid gate); every rank receives t_pad / W tokens from each rank; the
-    ledger counts the split sizes' bytes (data and padding mask) by link, forward and backward."""
-    workers.run(_cluster_roundtrip, route_to, gate)
+    removed), with gradient the identity for the hard sort (the sigmoid gate, or argmax routing);
+    balanced, every rank receives t_pad / W tokens from each rank; argmax routing (balanced=False) sends
+    variable splits that the receivers learn exactly; the ledger counts the split sizes' bytes (data and
+    padding mask) by link, forward and backward."""
+    workers.run(_cluster_roundtrip, route_to, gate, balanced)
 
 
-def _cluster_stack(route_to: str, gate: str, detach: bool):
+def _cluster_stack(route_to: str, gate: str, detach: bool, balanced: bool = True):
     topo = sc.build_topology(2)
     W, G, d, f = topo.world_size, topo.ranks_per_node, 6, 8
     C = W if route_to == "rank" else topo.num_nodes
@@ -1376,13 +1398,15 @@ def _cluster_stack(route_to: str, gate: str, detach: bool):
     clustering = build_clustering(topo, d, f, route_to, gate, router, ffn_p)
     seq1, seq2 = build("seq", cfg, topo, case1), build("seq", cfg, topo, case2)
     x = case1.xs[topo.rank].clone().requires_grad_()
-    h, plan = clustering(x, case1.pads[topo.rank], detach_router_input=detach)
+    h, plan = clustering(x, case1.pads[topo.rank], detach_router_input=detach, balanced=balanced)
     out1 = seq1(h, plan.pad_mask)
     h = h + out1.y
     out2 = seq2(h, plan.pad_mask)
     y = sc.uncluster(h + out2.y, plan, clustering.ledger)
     ((y * case1.cots[topo.rank]).sum() + AUX_WEIGHT * (out1.aux_loss + out2.aux_loss)).backward()
-    grads = [clustering.router.weight.grad.clone(), seq1.router.weight.grad.clone(), seq2.router.weight.grad.clone()]
+    # argmax routing with the softmax gate has no soft sort: the clustering router gets no gradient
+    routers = (clustering.router.weight, seq1.router.weight, seq2.router.weight)
+    grads = [torch.zeros_like(w) if w.grad is None else w.grad.clone() for w in routers]
     for grad in grads:
         dist.all_reduce(grad)
 
@@ -1393,7 +1417,8 @@ def _cluster_stack(route_to: str, gate: str, detach: bool):
           "all": {k: v.clone().requires_grad_() for k, v in case1.experts["all"].items()}}
     p2 = {"router": case2.router.clone().requires_grad_(),
           "all": {k: v.clone().requires_grad_() for k, v in case2.experts["all"].items()}}
-    hs, moved_pads, how = reference_cluster(xs, case1.pads, leaves["router"], leaves, W, G, route_to, gate, 0.5, detach)
+    hs, moved_pads, how = reference_cluster(xs, case1.pads, leaves["router"], leaves, W, G, route_to, gate, 0.5, detach,
+                                            balanced)
     ys1, aux1 = reference_forward("seq", hs, moved_pads, p1["router"], {"all": p1["all"]}, cfg, W, G)
     hs = [a + b for a, b in zip(hs, ys1)]
     ys2, aux2 = reference_forward("seq", hs, moved_pads, p2["router"], {"all": p2["all"]}, cfg, W, G)
@@ -1404,14 +1429,18 @@ def _cluster_stack(route_to: str, gate: str, detach: bool):
     r, n = topo.rank, cfg.num_experts // W
     assert_close(y, outs[r].detach())
     assert_close(x.grad, xs[r].grad)
-    assert_close(grads[0], leaves["router"].grad)
+    if leaves["router"].grad is not None:  # None only with argmax routing (checked below)
+        assert_close(grads[0], leaves["router"].grad)
     assert_close(grads[1], p1["router"].grad)
     assert_close(grads[2], p2["router"].grad)
     for p in ("w1", "b1", "w2", "b2"):
         assert_close(getattr(clustering.ffn, p).grad, leaves[p].grad[r:r + 1])
         assert_close(getattr(seq1.experts, p).grad, p1["all"][p].grad[r * n:(r + 1) * n])
         assert_close(getattr(seq2.experts, p).grad, p2["all"][p].grad[r * n:(r + 1) * n])
-    assert grads[0].abs().sum() > 0  # the gradient reaches the clustering router
+    if balanced or gate == "sigmoid":
+        assert grads[0].abs().sum() > 0  # the gradient reaches the clustering router
+    else:
+        assert grads[0].abs().sum() == 0 and leaves["router"].grad is None  # hard argmax: no path, in both
     return float(grads[0].abs().sum())
 
 
@@ -1425,6 +1454,13 @@ def test_cluster_seq_seq_uncluster_matches_reference(workers, route_to, gate, de
     reaches the clustering router (through the softmax of the differentiable sort, or the sigmoid
     gate), also with the router reading detached inputs (the decoder's setting)."""
     workers.run(_cluster_stack, route_to, gate, detach)
+
+
+@pytest.mark.parametrize("route_to", ["rank", "node"])
+def test_argmax_clustering_stack_matches_reference(workers, route_to):
+    """With argmax routing (the decoder's greedy option at inference) the stack clustering -> Seq -> Seq ->
+    uncluster, with variable split sizes, still equals the single-process reference."""
+    workers.run(_cluster_stack, route_to, "softmax", True, False)
 
 
 def test_clustering_errors():

@@ -20,6 +20,7 @@ writes <out>/results.json (and a PNG when matplotlib is there).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -216,25 +217,28 @@ class ModelConfig:
     dropout: float = 0.1
     moe: str = "gshard"  # "dense", "gshard", "seq" or "feat": the FFN of every other layer
     token_cluster: bool = False  # the layer order of PAPER.md, clustering at the first MoE layer
+    reorder_layers: bool = False  # PAPER.md's layer order without clustering (to separate the two effects)
     cluster_gate: str = "softmax"  # "softmax" (differentiable sorting) or "sigmoid" (BASE layers)
     route_to: str = "rank"  # clusters are ranks or nodes
+    decode_clustering: str = "balanced"  # the decoder's clustering at inference: "balanced" or "argmax"
     moe_cfg: Optional[sc.MoEConfig] = None  # the MoE layers' settings (None for dense)
 
 
-def layer_plan(layers: int, moe: str, token_cluster: bool, decoder: bool) -> list[str]:
+def layer_plan(layers: int, moe: str, token_cluster: bool, decoder: bool, reorder: bool = False) -> list[str]:
     """The sublayers of one stack, in order: "self", "cross", "ffn", "moe", "cluster".
 
     Without clustering, layers alternate dense and MoE FFNs (MoE in every other layer).
-    With clustering (PAPER.md): the dense layers, then the attention of the MoE layers,
-    then one dense FFN, then the MoE FFNs; the first MoE FFN is the clustering layer.
+    With clustering (PAPER.md), or with reorder alone: the dense layers, then the attention
+    of the MoE layers, then one dense FFN, then the MoE FFNs; with clustering the first MoE
+    FFN is the clustering layer.
     """
     attention = ["self", "cross"] if decoder else ["self"]
     n_moe = layers // 2 if moe != "dense" else 0
-    if not token_cluster:
+    if not (token_cluster or reorder):
         return [s for i in range(layers) for s in attention + ["moe" if i % 2 == 1 and n_moe else "ffn"]]
     plan = [s for _ in range(layers - n_moe) for s in attention + ["ffn"]]
     plan += [s for _ in range(n_moe) for s in attention] + ["ffn"]
-    return plan + ["cluster"] + ["moe"] * (n_moe - 1)
+    return plan + (["cluster"] if token_cluster else ["moe"]) + ["moe"] * (n_moe - 1)
 
 
 class Attention(nn.Module):
@@ -284,8 +288,8 @@ class Stack(nn.Module):
 
     def __init__(self, cfg: ModelConfig, topo: sc.Topology, decoder: bool) -> None:
         super().__init__()
-        self.decoder = decoder
-        self.plan = layer_plan(cfg.layers, cfg.moe, cfg.token_cluster, decoder)
+        self.decoder, self.decode_clustering = decoder, cfg.decode_clustering
+        self.plan = layer_plan(cfg.layers, cfg.moe, cfg.token_cluster, decoder, cfg.reorder_layers)
         subs = []
         for kind in self.plan:
             if kind in ("self", "cross"):
@@ -317,7 +321,9 @@ class Stack(nn.Module):
             elif kind == "ffn":
                 h = sub(h)
             elif kind == "cluster":  # from here on h is flat tokens that live on their cluster's rank
-                h, plan = sub(h.reshape(B * T, d), flat_pad, detach_router_input=self.decoder and self.training)
+                greedy = self.decoder and not self.training and self.decode_clustering == "argmax"
+                h, plan = sub(h.reshape(B * T, d), flat_pad, detach_router_input=self.decoder and self.training,
+                              balanced=not greedy)
                 clustering, flat_pad = sub, plan.pad_mask
             else:  # "moe"
                 h_flat, out = sub(h.reshape(-1, d), flat_pad)
@@ -362,8 +368,9 @@ class Translator(nn.Module):
 
 
 def model_fingerprint(model: Translator) -> str:
-    """The model's settings as text: a checkpoint resumes only into the same model."""
-    return repr(model.cfg)
+    """The model's settings as text (what shapes its parameters and training, not how it decodes): a
+    checkpoint resumes only into the same model."""
+    return repr(dataclasses.replace(model.cfg, decode_clustering="balanced"))
 
 
 def expert_parameters(model: nn.Module) -> set[int]:
@@ -394,11 +401,12 @@ class Variant:
     moe: str
     token_cluster: bool = False
     cluster_gate: str = "softmax"
+    reorder: bool = False  # PAPER.md's layer order without clustering
 
     @property
     def name(self) -> str:
         if not self.token_cluster:
-            return self.moe
+            return self.moe + ("+reorder" if self.reorder else "")
         return f"{self.moe}+cluster" + ("" if self.cluster_gate == "softmax" else "(sigmoid)")
 
 
@@ -444,8 +452,10 @@ def build_model(args: argparse.Namespace, variant: Variant, task: Task, topo: sc
     moe_cfg = None if variant.moe == "dense" else moe_config(args, topo.world_size)
     cfg = ModelConfig(vocab=task.vocab, d_model=args.d_model, d_ffn=args.d_ffn, layers=args.layers,
                       max_len=max(64, task.max_target_len() + 2), dropout=args.dropout, moe=variant.moe,
-                      token_cluster=variant.token_cluster, cluster_gate=variant.cluster_gate,
-                      route_to=cluster_route(args, topo), moe_cfg=moe_cfg)
+                      token_cluster=variant.token_cluster, reorder_layers=variant.reorder,
+                      cluster_gate=variant.cluster_gate,
+                      route_to=cluster_route(args, topo), decode_clustering=args.decode_clustering,
+                      moe_cfg=moe_cfg)
     torch.manual_seed(args.seed)  # shared parameters: the same on every rank
     model = Translator(cfg, topo).to(device)
     torch.manual_seed(args.seed * 1000 + 1 + topo.rank)  # experts: different on every rank
@@ -546,29 +556,38 @@ def sync_shared_gradients(model: nn.Module, experts: set[int]) -> None:
 
 
 def evaluate(model: Translator, task: Task, topo: sc.Topology, device: torch.device, limit: int) -> dict:
-    """Greedy decoding of the validation set (split over the ranks): corpus BLEU and exact match on rank 0."""
+    """The validation set, split over the ranks: greedy decoding for corpus BLEU and exact match, and the
+    teacher-forced cross-entropy and token accuracy (no decoding involved); the scores on rank 0."""
     model.eval()
     valid = task.valid[:limit]
     mine = valid[topo.rank::topo.world_size]
     per_rank = math.ceil(len(valid) / topo.world_size)
-    hyps = []
+    hyps, ce, correct, count = [], 0.0, 0, 0
     for start in range(0, per_rank, 100):  # every rank runs the same number of batches
         pairs = mine[start:start + 100] or valid[:1]  # a rank with nothing left decodes a dummy
-        src, _, _ = collate(pairs)
-        out = greedy_decode(model, src.to(device), task.max_target_len() + 1).cpu()
+        src, tgt_in, tgt_out = (t.to(device) for t in collate(pairs))
+        out = greedy_decode(model, src, task.max_target_len() + 1).cpu()
+        with torch.no_grad():
+            logits, _ = model(src, tgt_in)
         if mine[start:start + 100]:
             hyps += [decode_ids(task, row) for row in out]
+            real = tgt_out != PAD
+            ce += float(F.cross_entropy(logits[real], tgt_out[real], reduction="sum"))
+            correct += int((logits[real].argmax(-1) == tgt_out[real]).sum())
+            count += int(real.sum())
     refs = [[task.itos[t] for t in tgt] for _, tgt in mine]
-    every = gather_objects((hyps, refs))
+    every = gather_objects((hyps, refs, ce, correct, count))
     model.train()
     for ledger in model.ledgers():
         ledger.reset()  # evaluation traffic does not count in the training bytes
     if topo.rank != 0:
         return {}
-    all_hyps = [h for hs, _ in every for h in hs]
-    all_refs = [r for _, rs in every for r in rs]
+    all_hyps = [h for hs, *_ in every for h in hs]
+    all_refs = [r for _, rs, *_ in every for r in rs]
+    tokens = sum(e[4] for e in every)
     return {"bleu": corpus_bleu(all_hyps, all_refs),
             "exact_match": sum(h == r for h, r in zip(all_hyps, all_refs)) / len(all_refs),
+            "valid_loss": sum(e[2] for e in every) / tokens, "valid_accuracy": sum(e[3] for e in every) / tokens,
             "example": {"hyp": " ".join(all_hyps[0]), "ref": " ".join(all_refs[0])}}
 
 
@@ -599,6 +618,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     expert_params = [p for p in model.parameters() if id(p) in experts]
     adam = dict(lr=args.lr, betas=(0.9, 0.98), eps=1e-9)
     opt_shared = torch.optim.Adam(shared_params, **adam)
+    # (a dense model has no experts: Adam then holds a placeholder that never gets a gradient)
     opt_experts = torch.optim.Adam(expert_params or [torch.zeros(1, requires_grad=True)], **adam)
     state = load_checkpoint(args, variant, model, opt_shared, opt_experts, topo) if args.resume else None
     if state is not None:  # the checkpoint restored the RNG too
@@ -671,13 +691,15 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     steps_run = max(len(state.losses), 1)
     return {
         "variant": variant.name, "moe": variant.moe, "token_cluster": variant.token_cluster,
+        "reorder_layers": variant.reorder or variant.token_cluster,
         "cluster_gate": variant.cluster_gate if variant.token_cluster else None,
         "ratio1": args.ratio1 if variant.moe in ("seq", "feat") else None,
         "ratio2": args.ratio2 if variant.moe in ("seq", "feat") else None, "world_size": topo.world_size,
         "ranks_per_node": topo.ranks_per_node, "experts_per_rank": args.experts_per_rank,
         "capacity_factor": args.capacity_factor, "seed": args.seed, "steps": state.step,
         "final_loss": statistics.mean(state.losses[-10:]), "bleu": scores["bleu"],
-        "exact_match": scores["exact_match"], "example": scores["example"],
+        "exact_match": scores["exact_match"], "valid_loss": scores["valid_loss"],
+        "valid_accuracy": scores["valid_accuracy"], "example": scores["example"],
         "step_time_s": statistics.median(warm) if warm else None,
         "bytes_per_step": {link: state.bytes[link] / steps_run for link in sc.LINK_CLASSES},
         "train_time_s": train_time, "device": device.type, "losses": state.losses, "aux_losses": state.auxes,
@@ -1009,8 +1031,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--moe", default=None, choices=["dense", "gshard", "seq", "feat"],
                    help="train one variant with this FFN (default: the demo trains gshard, seq, feat, seq+cluster)")
     p.add_argument("--token-cluster", action="store_true", help="cluster tokens at the first MoE layer (PAPER.md order)")
+    p.add_argument("--reorder-layers", action="store_true",
+                   help="PAPER.md's clustering layer order (attention first, MoE FFNs last) without clustering")
     p.add_argument("--cluster-gate", default="softmax", choices=["softmax", "sigmoid"],
                    help="clustering gate: softmax with differentiable sorting, or BASE layers' sigmoid")
+    p.add_argument("--decode-clustering", default="balanced", choices=["balanced", "argmax"],
+                   help="the decoder's clustering when decoding: balanced (as in training) or each token to "
+                        "its best cluster (the authors' greedy inference option)")
     p.add_argument("--trace", action="store_true", help="print each token's tier, experts and ranks, and the bytes per link")
     p.add_argument("--bench", action="store_true",
                    help="time one MoE layer forward + backward per variant, with real all-to-alls and compute only")
@@ -1090,6 +1117,8 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.d_model % 4 != 0:
         p.error(f"--d-model {args.d_model}: must be divisible by the 4 attention heads")
+    if args.reorder_layers and (args.moe in (None, "dense") or args.layers < 2):
+        p.error("--reorder-layers needs --moe gshard|seq|feat and --layers >= 2")
     if args.gbps_intra_node <= 0 or args.gbps_inter_node <= 0:
         p.error("--gbps-intra-node and --gbps-inter-node must be > 0")
     if args.token_cluster and (args.moe == "dense" or args.layers < 4):
@@ -1128,7 +1157,7 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
 def variants(args: argparse.Namespace) -> list[Variant]:
     if args.moe is None:  # the classroom demo
         return [Variant("gshard"), Variant("seq"), Variant("feat"), Variant("seq", token_cluster=True)]
-    return [Variant(args.moe, args.token_cluster, args.cluster_gate)]
+    return [Variant(args.moe, args.token_cluster, args.cluster_gate, args.reorder_layers)]
 
 
 def run(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> None:
@@ -1143,7 +1172,8 @@ def run(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> No
         if topo.rank == 0:
             results.append(result)
             print0(f"[{variant.name}] BLEU {result['bleu']:.1f}, exact match {result['exact_match']:.2f}, "
-                   f"e.g. {result['example']['hyp']!r} for {result['example']['ref']!r}")
+                   f"teacher-forced valid loss {result['valid_loss']:.3f} and token accuracy "
+                   f"{result['valid_accuracy']:.3f}; e.g. {result['example']['hyp']!r} for {result['example']['ref']!r}")
     if topo.rank == 0:
         report(results, args.out)
 
