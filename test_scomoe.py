@@ -1516,6 +1516,16 @@ def test_training_on_4_processes_lowers_the_loss(tmp_path):
     assert "step 40/40" in stdout and "MB/step" in stdout and "ETA" in stdout
 
 
+def test_argmax_clustering_with_the_sigmoid_gate_trains(tmp_path):
+    """Clustering without the balance constraint (each token to its best cluster, variable splits; the
+    sigmoid gate trains the router) runs on 4 processes, lowers the loss, and says so in results.json."""
+    [result], _ = run_trainer(tmp_path, "--moe", "seq", "--token-cluster", "--cluster-gate", "sigmoid",
+                              "--cluster-assign", "argmax", "--layers", "4", "--steps", "20")
+    losses = result["losses"]
+    assert result["variant"] == "seq+cluster(sigmoid,argmax)" and result["cluster_assign"] == "argmax"
+    assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
+
+
 def test_demo_trains_every_variant_and_writes_the_table(tmp_path):
     """Without --moe the demo trains GShard, Seq, Feat and Seq + clustering, prints the table with
     the speed-up against GShard, and writes one results.json entry per variant."""
@@ -1638,6 +1648,8 @@ def test_cli_rejects_cuda_without_a_gpu(capsys):
     (["--ranks-per-node", "0"], "--ranks-per-node 0"),
     (["--timeout", "0"], "--timeout 0"),
     (["--moe", "seq", "--token-cluster", "--layers", "3"], "--token-cluster needs --layers >= 4"),
+    (["--moe", "seq", "--token-cluster", "--cluster-assign", "argmax"], "--cluster-assign argmax needs .* sigmoid"),
+    (["--moe", "dense", "--reorder-layers"], "--reorder-layers needs --moe gshard"),
 ])
 def test_cli_errors(argv, message, capsys):
     """Bad command-line values stop the program with a message naming the value, before any process starts."""

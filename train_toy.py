@@ -220,7 +220,8 @@ class ModelConfig:
     reorder_layers: bool = False  # PAPER.md's layer order without clustering (to separate the two effects)
     cluster_gate: str = "softmax"  # "softmax" (differentiable sorting) or "sigmoid" (BASE layers)
     route_to: str = "rank"  # clusters are ranks or nodes
-    decode_clustering: str = "balanced"  # the decoder's clustering at inference: "balanced" or "argmax"
+    cluster_assign: str = "balanced"  # clustering: "balanced" (auction) or "argmax" (best cluster; sigmoid gate)
+    decode_clustering: Optional[str] = None  # the decoder's clustering at inference; None: as cluster_assign
     moe_cfg: Optional[sc.MoEConfig] = None  # the MoE layers' settings (None for dense)
 
 
@@ -288,7 +289,7 @@ class Stack(nn.Module):
 
     def __init__(self, cfg: ModelConfig, topo: sc.Topology, decoder: bool) -> None:
         super().__init__()
-        self.decoder, self.decode_clustering = decoder, cfg.decode_clustering
+        self.decoder, self.cfg = decoder, cfg
         self.plan = layer_plan(cfg.layers, cfg.moe, cfg.token_cluster, decoder, cfg.reorder_layers)
         subs = []
         for kind in self.plan:
@@ -321,9 +322,11 @@ class Stack(nn.Module):
             elif kind == "ffn":
                 h = sub(h)
             elif kind == "cluster":  # from here on h is flat tokens that live on their cluster's rank
-                greedy = self.decoder and not self.training and self.decode_clustering == "argmax"
+                assign = self.cfg.cluster_assign
+                if self.decoder and not self.training and self.cfg.decode_clustering is not None:
+                    assign = self.cfg.decode_clustering
                 h, plan = sub(h.reshape(B * T, d), flat_pad, detach_router_input=self.decoder and self.training,
-                              balanced=not greedy)
+                              balanced=assign == "balanced")
                 clustering, flat_pad = sub, plan.pad_mask
             else:  # "moe"
                 h_flat, out = sub(h.reshape(-1, d), flat_pad)
@@ -370,7 +373,7 @@ class Translator(nn.Module):
 def model_fingerprint(model: Translator) -> str:
     """The model's settings as text (what shapes its parameters and training, not how it decodes): a
     checkpoint resumes only into the same model."""
-    return repr(dataclasses.replace(model.cfg, decode_clustering="balanced"))
+    return repr(dataclasses.replace(model.cfg, decode_clustering=None))
 
 
 def expert_parameters(model: nn.Module) -> set[int]:
@@ -402,12 +405,14 @@ class Variant:
     token_cluster: bool = False
     cluster_gate: str = "softmax"
     reorder: bool = False  # PAPER.md's layer order without clustering
+    cluster_assign: str = "balanced"  # or "argmax": each token to its best cluster (sigmoid gate only)
 
     @property
     def name(self) -> str:
         if not self.token_cluster:
             return self.moe + ("+reorder" if self.reorder else "")
-        return f"{self.moe}+cluster" + ("" if self.cluster_gate == "softmax" else "(sigmoid)")
+        options = [o for o in (self.cluster_gate, self.cluster_assign) if o not in ("softmax", "balanced")]
+        return f"{self.moe}+cluster" + (f"({','.join(options)})" if options else "")
 
 
 @dataclass
@@ -453,7 +458,7 @@ def build_model(args: argparse.Namespace, variant: Variant, task: Task, topo: sc
     cfg = ModelConfig(vocab=task.vocab, d_model=args.d_model, d_ffn=args.d_ffn, layers=args.layers,
                       max_len=max(64, task.max_target_len() + 2), dropout=args.dropout, moe=variant.moe,
                       token_cluster=variant.token_cluster, reorder_layers=variant.reorder,
-                      cluster_gate=variant.cluster_gate,
+                      cluster_gate=variant.cluster_gate, cluster_assign=variant.cluster_assign,
                       route_to=cluster_route(args, topo), decode_clustering=args.decode_clustering,
                       moe_cfg=moe_cfg)
     torch.manual_seed(args.seed)  # shared parameters: the same on every rank
@@ -693,6 +698,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         "variant": variant.name, "moe": variant.moe, "token_cluster": variant.token_cluster,
         "reorder_layers": variant.reorder or variant.token_cluster,
         "cluster_gate": variant.cluster_gate if variant.token_cluster else None,
+        "cluster_assign": variant.cluster_assign if variant.token_cluster else None,
         "ratio1": args.ratio1 if variant.moe in ("seq", "feat") else None,
         "ratio2": args.ratio2 if variant.moe in ("seq", "feat") else None, "world_size": topo.world_size,
         "ranks_per_node": topo.ranks_per_node, "experts_per_rank": args.experts_per_rank,
@@ -1035,9 +1041,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="PAPER.md's clustering layer order (attention first, MoE FFNs last) without clustering")
     p.add_argument("--cluster-gate", default="softmax", choices=["softmax", "sigmoid"],
                    help="clustering gate: softmax with differentiable sorting, or BASE layers' sigmoid")
-    p.add_argument("--decode-clustering", default="balanced", choices=["balanced", "argmax"],
-                   help="the decoder's clustering when decoding: balanced (as in training) or each token to "
-                        "its best cluster (the authors' greedy inference option)")
+    p.add_argument("--cluster-assign", default="balanced", choices=["balanced", "argmax"],
+                   help="clustering: the balanced assignment, or each token to its best cluster (no balance; "
+                        "needs --cluster-gate sigmoid, the only gate that trains the router without the sort)")
+    p.add_argument("--decode-clustering", default=None, choices=["balanced", "argmax"],
+                   help="the decoder's clustering when decoding (default: as --cluster-assign); argmax is the "
+                        "authors' greedy inference option")
     p.add_argument("--trace", action="store_true", help="print each token's tier, experts and ranks, and the bytes per link")
     p.add_argument("--bench", action="store_true",
                    help="time one MoE layer forward + backward per variant, with real all-to-alls and compute only")
@@ -1121,6 +1130,9 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         p.error("--reorder-layers needs --moe gshard|seq|feat and --layers >= 2")
     if args.gbps_intra_node <= 0 or args.gbps_inter_node <= 0:
         p.error("--gbps-intra-node and --gbps-inter-node must be > 0")
+    if args.cluster_assign == "argmax" and not (args.token_cluster and args.cluster_gate == "sigmoid"):
+        p.error("--cluster-assign argmax needs --token-cluster and --cluster-gate sigmoid (with the softmax gate "
+                "only the differentiable sort trains the clustering router)")
     if args.token_cluster and (args.moe == "dense" or args.layers < 4):
         p.error("--token-cluster needs --layers >= 4 (the clustering layer and at least one MoE layer after it) "
                 "and --moe gshard|seq|feat")
@@ -1157,7 +1169,7 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
 def variants(args: argparse.Namespace) -> list[Variant]:
     if args.moe is None:  # the classroom demo
         return [Variant("gshard"), Variant("seq"), Variant("feat"), Variant("seq", token_cluster=True)]
-    return [Variant(args.moe, args.token_cluster, args.cluster_gate, args.reorder_layers)]
+    return [Variant(args.moe, args.token_cluster, args.cluster_gate, args.reorder_layers, args.cluster_assign)]
 
 
 def run(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> None:
