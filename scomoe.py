@@ -1264,6 +1264,11 @@ class TokenClustering(nn.Module):
         self.norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
         self.ledger = CommLedger()
 
+    @property
+    def own_cluster(self) -> int:
+        """The cluster this rank serves: its rank, or its node."""
+        return self.topology.rank if self.route_to == "rank" else self.topology.node_rank
+
     def cluster(self, x: Tensor, pad_mask: Optional[Tensor] = None, detach_router_input: bool = False,
                 balanced: bool = True) -> tuple[Tensor, ClusterPlan]:
         """Send every token to its cluster's rank: (t, d) -> (t_recv, d), and the plan.
@@ -1292,8 +1297,7 @@ class TokenClustering(nn.Module):
             # cluster c's slots go to rank c (rank) or spread over ranks c*G .. (node): slot i to rank i // share
             send = [(t + pad) // W] * W
         else:
-            mine = topo.rank if self.route_to == "rank" else topo.node_rank
-            cluster = scores.detach().argmax(dim=-1).masked_fill(is_pad, mine)  # (t,): padding stays home
+            cluster = scores.detach().argmax(dim=-1).masked_fill(is_pad, self.own_cluster)  # (t,): padding stays home
             order = cluster.sort(stable=True).indices  # (t,)
             count = torch.zeros(self.num_clusters, dtype=torch.long, device=x.device).scatter_add_(
                 0, cluster, torch.ones_like(cluster)).tolist()  # tokens per cluster (host sync)
@@ -1317,8 +1321,7 @@ class TokenClustering(nn.Module):
         h = self.ffn(z[None])[0]  # (t_recv, d)
         if self.gate == "softmax":
             return moved + h, plan  # x + FFN(x)
-        mine = self.topology.rank if self.route_to == "rank" else self.topology.node_rank
-        w_c = self.router.weight[mine]  # (d,): this rank's cluster
+        w_c = self.router.weight[self.own_cluster]  # (d,): this rank's cluster
         g = torch.sigmoid((z.detach() if detach_router_input else z) @ w_c)[:, None]  # (t_recv, 1)
         return g * h + (1 - g) * moved, plan  # sigmoid(x.w_c) FFN(x) + (1 - sigmoid(x.w_c)) x
 

@@ -382,10 +382,9 @@ def expert_parameters(model: nn.Module) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_decode(model: Translator, src: Tensor, max_len: int) -> Tensor:
+def greedy_decode(model: Translator, src: Tensor, memory: Tensor, max_len: int) -> Tensor:
     """Greedy decoding for max_len steps on every rank (the MoE layers' collectives need every rank
-    at every step); returns (B, max_len) token ids."""
-    memory, _ = model.encode(src)
+    at every step), given the encoder's output `memory`; returns (B, max_len) token ids."""
     out = torch.full((src.shape[0], 1), BOS, dtype=torch.long, device=src.device)
     for _ in range(max_len):
         logits, _ = model.decode(out, memory, src)
@@ -571,9 +570,10 @@ def evaluate(model: Translator, task: Task, topo: sc.Topology, device: torch.dev
     for start in range(0, per_rank, 100):  # every rank runs the same number of batches
         pairs = mine[start:start + 100] or valid[:1]  # a rank with nothing left decodes a dummy
         src, tgt_in, tgt_out = (t.to(device) for t in collate(pairs))
-        out = greedy_decode(model, src, task.max_target_len() + 1).cpu()
         with torch.no_grad():
-            logits, _ = model(src, tgt_in)
+            memory, _ = model.encode(src)  # one encoder pass serves the decoding and the teacher-forced loss
+            logits, _ = model.decode(tgt_in, memory, src)
+        out = greedy_decode(model, src, memory, task.max_target_len() + 1).cpu()
         if mine[start:start + 100]:
             hyps += [decode_ids(task, row) for row in out]
             real = tgt_out != PAD
