@@ -12,9 +12,10 @@ Sections, in the order of the paper:
   4. The GShard MoE layer            gate -> all-to-all -> experts -> all-to-all -> combine
   5. SCoMoE-Seq                      tokens split into local / node / global tiers
   6. SCoMoE-Feat                     the model width split into local / node / global slices
-  7. Configuration                   one dataclass, validated before any collective runs
-  8. Balanced router                 the auction algorithm and differentiable sorting
-  9. Token clustering                gather related tokens on one rank, and send them back
+  7. Node-limited routing            a baseline (not in the paper): top-2 inside one node per token
+  8. Configuration                   one dataclass, validated before any collective runs
+  9. Balanced router                 the auction algorithm and differentiable sorting
+ 10. Token clustering                gather related tokens on one rank, and send them back
 
 What is simplified: experts are plain two-layer FFNs run as one batched matmul;
 there is no expert or data parallelism beyond what SCoMoE needs (shared
@@ -74,7 +75,7 @@ def link_class(src: int, dst: int, ranks_per_node: int) -> str:
 class CommGroup:
     """A set of ranks that exchange tokens, with the handle torch.distributed needs."""
 
-    name: str  # "local", "node" or "world"
+    name: str  # "local", "node", "world" or "peers"
     ranks: tuple[int, ...]  # global ranks, in the order of group ranks
     group: Optional[dist.ProcessGroup]  # None when the group is this rank alone
     links: tuple[str, ...]  # link class from this rank to each member, one of LINK_CLASSES
@@ -98,6 +99,7 @@ class Topology:
     local: CommGroup  # this rank alone: no collective
     node: CommGroup  # the G ranks of this node
     world: CommGroup  # all W ranks
+    peers: CommGroup  # the N ranks at this local slot, one per node: node-limited routing's inter-node hop
     host_group: Optional[dist.ProcessGroup]  # gloo group for host integers (token counts)
 
     def group(self, tier: str) -> CommGroup:
@@ -115,7 +117,7 @@ class Topology:
         their input instead of sending it, and every rank is assumed to hold as many
         tokens as this one. The ledger still counts the bytes a real run would send.
         """
-        local = {name: dataclasses.replace(getattr(self, name), local_copy=True) for name in ("node", "world")}
+        local = {name: dataclasses.replace(getattr(self, name), local_copy=True) for name in ("node", "world", "peers")}
         return dataclasses.replace(self, **local)
 
     def link(self, other: int) -> str:
@@ -177,6 +179,15 @@ def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
                 node_group = created
     elif initialised and G == world_size > 1:
         node_group = dist.group.WORLD
+    # likewise every peer group (one rank per node, the same local slot), in slot order
+    peer_group = None
+    if initialised and 1 < N < world_size:
+        for slot in range(G):
+            created = dist.new_group(list(range(slot, world_size, G)))
+            if slot == local_rank:
+                peer_group = created
+    elif initialised and N == world_size > 1:
+        peer_group = dist.group.WORLD
     world_group = dist.group.WORLD if world_size > 1 else None
     host_group = None
     if world_size > 1:
@@ -191,6 +202,7 @@ def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
         local=comm_group("local", [rank], None),
         node=comm_group("node", list(range(node_rank * G, (node_rank + 1) * G)), node_group),
         world=comm_group("world", list(range(world_size)), world_group),
+        peers=comm_group("peers", list(range(local_rank, world_size, G)), peer_group),
         host_group=host_group,
     )
 
@@ -315,6 +327,30 @@ def expert_capacity(tokens: int, experts: int, k: int, capacity_factor: float) -
     return _ceil(capacity_factor * k * tokens / experts)
 
 
+def assign_slots(expert: Tensor, real: Tensor, e: int, capacity: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Buffer slots for the assignments expert (t, k) of the real tokens (t,) bool, `capacity` per expert.
+
+    Every token's first choice is placed (in token order) before any token's second
+    choice. In that choice-major order, an assignment's slot is the number of earlier
+    assignments to its expert: a stable sort by expert gives it. Returns slot (t, k),
+    kept (t, k), place (t, k): row expert * c + slot, -1 where not kept, and source
+    (e * c,): the assignment token * k + choice each slot holds, -1 if empty.
+    """
+    t, k = expert.shape
+    device = expert.device
+    key = expert.t().reshape(-1).masked_fill(~real.repeat(k), e)  # (k*t,): padding sorts after every expert
+    order = key.sort(stable=True).indices  # (k*t,)
+    count = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
+    start = count.cumsum(0) - count  # (e+1,): where each expert's run begins in `order`
+    slot = (inverse_permutation(order) - start[key]).view(k, t).t()  # (t, k): rank in the sort - run start
+    kept = real[:, None] & (slot < capacity)  # (t, k)
+    place = (expert * capacity + slot).masked_fill(~kept, -1)  # (t, k)
+    spare = torch.where(place < 0, e * capacity, place)  # (t, k): the dropped all write one spare row
+    source = torch.full((e * capacity + 1,), -1, dtype=torch.long, device=device)
+    source = source.scatter_(0, spare.reshape(-1), torch.arange(t * k, device=device))[:-1]  # (e*c,)
+    return slot, kept, place, source
+
+
 def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None, *,
                 second_expert: str = "argmax", normalize_before_drop: bool = False,
                 generator: Optional[torch.Generator] = None) -> Routing:
@@ -344,20 +380,7 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
     else:
         expert = first[:, None]  # (t, 1)
 
-    # Slots: every token's first choice is placed (in token order) before any token's
-    # second choice. In that choice-major order, an assignment's slot is the number of
-    # earlier assignments to its expert: a stable sort by expert gives it.
-    key = expert.t().reshape(-1).masked_fill(~real.repeat(k), e)  # (k*t,): padding sorts after every expert
-    order = key.sort(stable=True).indices  # (k*t,)
-    count = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
-    start = count.cumsum(0) - count  # (e+1,): where each expert's run begins in `order`
-    slot = (inverse_permutation(order) - start[key]).view(k, t).t()  # (t, k): rank in the sort - run start
-    kept = real[:, None] & (slot < capacity)  # (t, k)
-    place = (expert * capacity + slot).masked_fill(~kept, -1)  # (t, k)
-    # the inverse map: which assignment (token * k + choice) each of the e * c slots holds
-    spare = torch.where(place < 0, e * capacity, place)  # (t, k): the dropped all write one spare row
-    source = torch.full((e * capacity + 1,), -1, dtype=torch.long, device=device)
-    source = source.scatter_(0, spare.reshape(-1), torch.arange(t * k, device=device))[:-1]  # (e*c,)
+    slot, kept, place, source = assign_slots(expert, real, e, capacity)
 
     gate = gates.gather(1, expert)  # (t, k)   g_1, g_2
     if normalize_before_drop:
@@ -737,7 +760,90 @@ class SCoMoEFeat(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# 7. Configuration
+# 7. Node-limited routing (a baseline beside SCoMoE, not in the paper)
+
+
+def node_choice(gates: Tensor, num_nodes: int) -> Tensor:
+    """The node each token's experts are restricted to (M = 1 node per token): (t, E) -> (t,).
+
+    A node's score is the sum of its k = 2 highest gate values (DeepSeek-V3's node-limited
+    routing with K_r / M = 2); the best node wins, ties to the lower node.
+    """
+    t, E = gates.shape
+    per_node = gates.view(t, num_nodes, E // num_nodes)  # (t, N, G*n)
+    return per_node.topk(min(2, E // num_nodes), dim=-1).values.sum(dim=-1).argmax(dim=-1)  # (t,)
+
+
+class NodeLimitedMoE(nn.Module):
+    """Top-2 restricted to the experts of one node per token, sent over two hops.
+
+    The other way to cut inter-node bytes (DeepSeek-V3's node-limited routing, M = 1):
+    each token picks the node whose two best experts score highest; hop 1 sends the
+    token once to its peer on that node (the rank at the same local slot; capacity
+    ceil(cf * t / N) per destination node, token order), hop 2 is top-2 gating over
+    that node's G * n experts with an all-to-all inside the node. A GShard token reaches
+    up to two nodes with two copies; here one copy crosses at most one node boundary, so
+    inter-node bytes are about half of GShard's on 2 nodes. The receiving rank applies
+    the (replicated) router to the tokens it gets rather than receiving their scores; a
+    flag column marks the filled slots. The aux loss is GShard's over all E experts,
+    with each token's first choice taken inside its node.
+    """
+
+    def __init__(self, cfg: "MoEConfig", topology: Topology) -> None:
+        super().__init__()
+        self.n = _check_experts(cfg, topology)
+        self.cfg, self.topology = cfg, topology
+        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)  # W_g
+        self.experts = Experts(self.n, cfg.d_model, cfg.d_ffn, cfg.activation)
+        self.ledger = CommLedger()
+
+    def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
+        topo, cfg = self.topology, self.cfg
+        t, d = x.shape
+        N, E, node_experts = topo.num_nodes, cfg.num_experts, cfg.num_experts // topo.num_nodes
+        largest = max(topo.gather_counts(_real_tokens(t, pad_mask)))
+        if largest == 0:
+            return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
+        real = torch.ones(t, dtype=torch.bool, device=x.device) if pad_mask is None else ~pad_mask
+        logits = self.router(x)  # (t, E)
+        gates = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # (t, E)
+        node = node_choice(gates.detach(), N)  # (t,)
+
+        # aux: GShard's l_aux = E * sum_e m_e * c_e / S, the first choice taken inside the token's node
+        first = gates.detach().view(t, N, node_experts)[torch.arange(t, device=x.device), node].argmax(dim=-1)
+        first = node * node_experts + first  # (t,) global expert ids
+        n_real = real.sum().clamp_min(1)
+        mean_gate = (gates * real[:, None]).sum(dim=0) / n_real  # (E,)
+        first_share = torch.zeros(E, dtype=gates.dtype, device=x.device).scatter_add_(
+            0, first, real.to(gates.dtype)) / n_real  # (E,)
+        aux_loss = E * (mean_gate * first_share).sum()
+
+        # hop 1: each token once to its peer on the chosen node; slots in token order, c1 per node
+        c1 = expert_capacity(largest, N, 1, cfg.capacity_factor)
+        slot, kept, place, source = assign_slots(node[:, None], real, N, c1)  # place: (t, 1), source: (N*c1,)
+        flagged = torch.cat([x, real[:, None].to(x.dtype)], dim=1)  # (t, d+1): column d marks a filled slot
+        filled = torch.cat([flagged, flagged.new_zeros(1, d + 1)])  # (t+1, d+1): row t is an empty slot
+        send = filled[torch.where(source < 0, t, source)]  # (N*c1, d+1): node-major
+        recv = all_to_all(send, topo.peers, ledger=self.ledger, tag="peers")  # (N*c1, d+1): from every node
+
+        # hop 2: top-2 over this node's experts, all-to-all inside the node
+        x2, empty = recv[:, :d], recv[:, d] < 0.5  # (N*c1, d), (N*c1,)
+        lo = topo.node_rank * node_experts
+        y2, routing = moe_tier(x2, self.router(x2)[:, lo:lo + node_experts], empty,
+                               expert_capacity(largest, node_experts, min(2, node_experts), cfg.capacity_factor),
+                               topo.node, self.experts, cfg, self.ledger, "node")
+
+        back = all_to_all(y2, topo.peers, ledger=self.ledger, tag="peers")  # (N*c1, d): each token's output
+        y = torch.cat([back, back.new_zeros(1, d)])[torch.where(place[:, 0] < 0, N * c1, place[:, 0])]  # (t, d)
+        hop1 = Routing(node[:, None], slot, place, kept.to(x.dtype), kept, source, c1, aux_loss,
+                       kept.sum(dim=0).new_zeros(N).scatter_add_(0, node, kept[:, 0].long()), real.sum(),
+                       (real.sum() - kept.sum()) / n_real)
+        return MoEOutput(y, aux_loss, {"peers": TierRouting(None, 0, hop1),
+                                       "node": TierRouting(None, lo, routing)})
+
+
+# ----------------------------------------------------------------------------
+# 8. Configuration
 
 
 @dataclass(frozen=True)
@@ -782,15 +888,15 @@ class MoEConfig:
 
 
 def make_moe_layer(kind: str, cfg: MoEConfig, topology: Topology) -> nn.Module:
-    """The MoE layer of a kind: "gshard", "seq" or "feat"."""
-    layers = {"gshard": GShardMoE, "seq": SCoMoESeq, "feat": SCoMoEFeat}
+    """The MoE layer of a kind: "gshard", "seq", "feat" or "node-limited"."""
+    layers = {"gshard": GShardMoE, "seq": SCoMoESeq, "feat": SCoMoEFeat, "node-limited": NodeLimitedMoE}
     if kind not in layers:
         raise ValueError(f"kind={kind!r} must be one of {sorted(layers)}")
     return layers[kind](cfg, topology)
 
 
 # ----------------------------------------------------------------------------
-# 8. Balanced router and differentiable sorting (paper: "Token clustering")
+# 9. Balanced router and differentiable sorting (paper: "Token clustering")
 
 # The balanced assignment problem: T tokens, C clusters, exactly m = T / C
 # tokens per cluster, maximal total score. It is an assignment problem in which
@@ -1219,7 +1325,7 @@ def sort_tokens(x: Tensor, scores: Tensor, order: Tensor, tau: float, pad_mask: 
 
 
 # ----------------------------------------------------------------------------
-# 9. Token clustering (paper: "Token clustering")
+# 10. Token clustering (paper: "Token clustering")
 
 
 class ClusterPlan(NamedTuple):

@@ -242,6 +242,12 @@ def ref_capacity(tokens: int, experts: int, capacity_factor: float) -> int:
     return math.ceil(Fraction(str(capacity_factor)) * min(2, experts) * tokens / experts)
 
 
+def ref_capacity_k(tokens: int, experts: int, k: int, capacity_factor: float) -> int:
+    """ceil(capacity_factor * k * tokens / experts) in decimal arithmetic."""
+    from fractions import Fraction
+    return math.ceil(Fraction(str(capacity_factor)) * k * tokens / experts)
+
+
 def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, experts: dict, cfg: sc.MoEConfig,
                       world: int, ranks_per_node: int) -> tuple[list, list]:
     """Emulate every rank of a `kind` layer in one process, with all experts held here: (ys, auxes) per rank.
@@ -304,6 +310,53 @@ def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, exp
                 start += w
             y = torch.cat(outs, dim=-1)
             auxes.append(torch.stack(tier_aux).mean() if tier_aux and real[r] else None)
+        elif kind == "node-limited":
+            node_experts = E // N
+            t_max = max(real)
+            if t_max == 0:
+                ys.append(x.new_zeros(x.shape))
+                auxes.append(None)
+                continue
+            c1, c2 = ref_capacity_k(t_max, N, 1, cf), ref_capacity(t_max, node_experts, cf)
+
+            def chosen_node(q):  # each token's node: the highest sum of the node's two best gates, ties lower
+                g = (xs[q] @ router.t()).softmax(dim=-1).detach()
+                best2 = lambda i, j: sum(sorted(g[i, j * node_experts:(j + 1) * node_experts].tolist())[-2:])  # noqa
+                return [max(range(N), key=lambda j: (best2(i, j), -j)) for i in range(xs[q].shape[0])]
+
+            def hop1(q, j):  # the tokens of rank q sent to node j, in token order, at most c1
+                nodes = chosen_node(q)
+                return [i for i in range(xs[q].shape[0]) if not pads[q][i] and nodes[i] == j][:c1]
+
+            gates = logits.softmax(dim=-1)
+            nodes = chosen_node(r)
+            real_i = [i for i in range(x.shape[0]) if not pad[i]]
+            first = [nodes[i] * node_experts + int(gates[i, nodes[i] * node_experts:(nodes[i] + 1) * node_experts]
+                                                   .argmax()) for i in real_i]
+            if real_i:
+                mean_gate = gates[real_i].mean(dim=0)
+                share = torch.tensor([first.count(e) / len(real_i) for e in range(E)], dtype=gates.dtype)
+                auxes.append(E * (mean_gate * share).sum())
+            else:
+                auxes.append(None)
+            y = x.new_zeros(x.shape)
+            for j in range(N):  # the token's output comes from its peer q on node j
+                q = j * G + r % G
+                slots, owners = [], []  # q's received buffer: c1 slots from each node's peer, node order
+                for j2 in range(N):
+                    src = j2 * G + q % G
+                    sent = hop1(src, j)
+                    slots += [xs[src][i] for i in sent] + [x.new_zeros(x.shape[1])] * (c1 - len(sent))
+                    owners += [(src, i) for i in sent] + [None] * (c1 - len(sent))
+                x2 = torch.stack(slots)
+                empty = torch.tensor([o is None for o in owners])
+                y2, _ = naive_moe(x2, (x2 @ router.t())[:, j * node_experts:(j + 1) * node_experts], empty, c2,
+                                  experts["all"], j * node_experts, cfg.normalize_before_drop)
+                for s_i, o in enumerate(owners):
+                    if o is not None and o[0] == r:
+                        y = y.index_add(0, torch.tensor([o[1]]), y2[s_i:s_i + 1])
+            ys.append(y)
+            continue
         ys.append(y)
     zero = router.sum() * 0  # a rank with no tier holding real tokens has aux loss 0
     return ys, [zero if a is None else a for a in auxes]
@@ -652,6 +705,42 @@ def test_seq_with_binding_capacity_matches_reference(workers):
     assert max(max(dropped.values()) for _, dropped in results) > 0
 
 
+@pytest.mark.parametrize("ranks_per_node", [2, 4])
+@pytest.mark.parametrize("capacity_factor", [0.5, 8.0])
+def test_node_limited_matches_reference(workers, ranks_per_node, capacity_factor):
+    """Node-limited routing equals a single process that emulates every rank: each token's node by the
+    sum of its two best gates there, hop 1 to the peer on that node (c1 = ceil(cf * t / N) slots per
+    node, token order), top-2 over that node's experts in the received slots' order; outputs, aux and
+    every gradient, with capacity binding (0.5) and not (8.0); on 1 node it is GShard."""
+    cfg = dict(GSHARD, capacity_factor=capacity_factor)
+    results = workers.run(check_against_reference, "node-limited", ranks_per_node, cfg, COUNTS, 5)
+    dropped = [max(d.values()) for _, d in results]
+    assert (max(dropped) > 0) == (capacity_factor < 1)
+
+
+def test_node_limited_with_an_empty_rank_matches_reference(workers):
+    """A rank with no tokens still takes part in both hops; the others equal the reference."""
+    workers.run(check_against_reference, "node-limited", 2, dict(GSHARD, capacity_factor=1.0), [1, 9, 0, 7], 12)
+
+
+def _node_limited_vs_gshard():
+    topo = sc.build_topology(4)
+    cfg = sc.MoEConfig(**GSHARD, capacity_factor=1.0)
+    case = make_case(6, COUNTS, cfg)
+    out_g, xg_g, rg_g = run_layer("gshard", build("gshard", cfg, topo, case), case, topo.rank)
+    out_n, xg_n, rg_n = run_layer("node-limited", build("node-limited", cfg, topo, case), case, topo.rank)
+    assert_close(out_n.y, out_g.y)
+    assert_close(out_n.aux_loss, out_g.aux_loss)
+    assert_close(xg_n, xg_g)
+    assert_close(rg_n, rg_g)
+
+
+def test_node_limited_on_one_node_is_gshard(workers):
+    """On one node (1 x 4) every token's node is its own: hop 1 is a copy and node-limited routing is
+    GShard, output, aux and gradients."""
+    workers.run(_node_limited_vs_gshard)
+
+
 def _seq_vs_gshard(ranks_per_node: int, capacity_factor: float):
     topo = sc.build_topology(ranks_per_node)
     cfg_g = sc.MoEConfig(**GSHARD, capacity_factor=capacity_factor)
@@ -751,7 +840,8 @@ def _ledger_bytes(kind: str, cfg_args: dict, tokens: int):
 def test_ledger_matches_closed_forms(workers):
     """Per rank and direction (two all-to-alls each: to the experts and back), GShard hands
     2 * (W - G) * n * C * d * 8 bytes to other nodes, with C = ceil(2 * t / E); Seq's inter-node bytes
-    are (1 - alpha - beta) of GShard's up to token rounding, Feat's are d_global / d of GShard's."""
+    are (1 - alpha - beta) of GShard's up to token rounding, Feat's are d_global / d of GShard's, and
+    node-limited routing's are (2d + 1) / 4d of GShard's (one copy per token, plus a flag column)."""
     W, G, n, d, t = WORLD, 2, 2, 8, 40
     base = dict(d_model=d, d_ffn=6, num_experts=W * n)
     gshard = workers.run(_ledger_bytes, "gshard", base, t)
@@ -772,6 +862,14 @@ def test_ledger_matches_closed_forms(workers):
     feat = workers.run(_ledger_bytes, "feat", base | dict(ratio1=0.25, ratio2=0.25, feat_multiple=1), t)
     for f, g in zip(feat, gshard):
         assert f["inter_node"] * d == g["inter_node"] * (d - 2 - 2)
+    # node-limited: one copy of each token to its node's peer (d + 1 columns with the filled-slot flag) and
+    # its output back (d columns), c1 = ceil(t / N) slots per node; nothing else leaves the node
+    limited = workers.run(_ledger_bytes, "node-limited", base, t)
+    c1 = math.ceil(t / (W // G))
+    for lim, g in zip(limited, gshard):
+        for dirn in ("forward", "backward"):
+            assert lim["inter_node", dirn] == (W // G - 1) * c1 * (2 * d + 1) * 8
+        assert lim["inter_node"] / g["inter_node"] == (2 * d + 1) / (4 * d)  # about half of GShard's
 
 
 def _gshard_world_output(seed: int):
