@@ -222,12 +222,14 @@ class CommLedger:
     def __init__(self) -> None:
         self.bytes: dict[tuple[str, str, str], int] = {}
         self.calls: dict[tuple[str, str], int] = {}
+        self.to_rank: dict[int, int] = {}  # global rank -> bytes handed to it (every tag and direction)
 
-    def record(self, tag: str, direction: str, sent: Sequence[int], links: Sequence[str]) -> None:
-        """Add `sent[j]` bytes handed to group member j, whose link class is links[j]."""
+    def record(self, tag: str, direction: str, sent: Sequence[int], group: "CommGroup") -> None:
+        """Add `sent[j]` bytes handed to member j of `group` (rank group.ranks[j], link group.links[j])."""
         self.calls[tag, direction] = self.calls.get((tag, direction), 0) + 1
-        for nbytes, link in zip(sent, links):
+        for nbytes, link, rank in zip(sent, group.links, group.ranks):
             self.bytes[tag, direction, link] = self.bytes.get((tag, direction, link), 0) + nbytes
+            self.to_rank[rank] = self.to_rank.get(rank, 0) + nbytes
 
     def total(self, link: Optional[str] = None, direction: Optional[str] = None, tag: Optional[str] = None) -> int:
         """Bytes summed over every key that matches the given (non-None) fields."""
@@ -244,6 +246,7 @@ class CommLedger:
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()
+        self.to_rank.clear()
 
 
 def _all_to_all_single(x: Tensor, group: CommGroup, send: Optional[list[int]], recv: Optional[list[int]],
@@ -254,7 +257,7 @@ def _all_to_all_single(x: Tensor, group: CommGroup, send: Optional[list[int]], r
     if ledger is not None:
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
         sent = send if send is not None else [x.shape[0] // group.size] * group.size
-        ledger.record(tag, direction, [r * row_bytes for r in sent], group.links)
+        ledger.record(tag, direction, [r * row_bytes for r in sent], group)
     if group.local_copy:  # compute alone: the rows stay here, in a tensor of the received shape
         n = min(rows, x.shape[0])
         out[:n].copy_(x[:n])

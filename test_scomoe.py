@@ -1588,15 +1588,15 @@ def test_clustering_on_one_rank_is_the_identity_move():
 # train_toy.py: the trainer
 
 HERE = Path(__file__).resolve().parent
-TINY = ["--d-model", "16", "--d-ffn", "32", "--layers", "2", "--batch", "8", "--eval-sentences", "16",
-        "--log-every", "5", "--warmup", "5", "--feat-multiple", "1"]
+TINY = ["--d-model", "16", "--d-ffn", "32", "--layers", "2", "--batch", "32", "--eval-sentences", "16",
+        "--log-every", "5", "--warmup", "5", "--feat-multiple", "1", "--languages", "4", "--train-pairs", "2000"]
 RESULT_KEYS = {"moe", "token_cluster", "ratio1", "ratio2", "world_size", "ranks_per_node", "steps", "final_loss",
                "bleu", "step_time_s", "bytes_per_step"}
 
 
-def run_trainer(out: Path, *args: str) -> tuple[list[dict], str]:
-    """Run train_toy.py as a user would (4 spawned CPU processes by default); results.json and stdout."""
-    proc = subprocess.run([sys.executable, "train_toy.py", *TINY, *args, "--out", str(out)], cwd=HERE,
+def run_trainer(out: Path, command: str, *args: str) -> tuple[list[dict], str]:
+    """Run `train_toy.py command` as a user would (4 spawned CPU processes by default); results.json, stdout."""
+    proc = subprocess.run([sys.executable, "train_toy.py", command, *TINY, *args, "--out", str(out)], cwd=HERE,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), proc.stdout
@@ -1605,7 +1605,8 @@ def run_trainer(out: Path, *args: str) -> tuple[list[dict], str]:
 def test_training_on_4_processes_lowers_the_loss(tmp_path):
     """Seq with token clustering, trained on 4 CPU processes as 2 nodes x 2, lowers the loss; results.json
     holds the contract's keys, with bytes per link class summed over ranks (inter-node > 0 on 2 nodes)."""
-    [result], stdout = run_trainer(tmp_path, "--moe", "seq", "--token-cluster", "--layers", "4", "--steps", "40")
+    [result], stdout = run_trainer(tmp_path, "train", "--moe", "seq", "--token-cluster", "--layers", "4",
+                                   "--steps", "40")
     losses = result["losses"]
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert RESULT_KEYS <= set(result) and set(result["bytes_per_step"]) == {"intra_device", "intra_node", "inter_node"}
@@ -1617,7 +1618,7 @@ def test_training_on_4_processes_lowers_the_loss(tmp_path):
 def test_argmax_clustering_with_the_sigmoid_gate_trains(tmp_path):
     """Clustering without the balance constraint (each token to its best cluster, variable splits; the
     sigmoid gate trains the router) runs on 4 processes, lowers the loss, and says so in results.json."""
-    [result], _ = run_trainer(tmp_path, "--moe", "seq", "--token-cluster", "--cluster-gate", "sigmoid",
+    [result], _ = run_trainer(tmp_path, "train", "--moe", "seq", "--token-cluster", "--cluster-gate", "sigmoid",
                               "--cluster-assign", "argmax", "--layers", "4", "--steps", "20")
     losses = result["losses"]
     assert result["variant"] == "seq+cluster(sigmoid,argmax)" and result["cluster_assign"] == "argmax"
@@ -1625,13 +1626,19 @@ def test_argmax_clustering_with_the_sigmoid_gate_trains(tmp_path):
 
 
 def test_demo_trains_every_variant_and_writes_the_table(tmp_path):
-    """Without --moe the demo trains GShard, Seq, Feat and Seq + clustering, prints the table with
-    the speed-up against GShard, and writes one results.json entry per variant."""
-    results, stdout = run_trainer(tmp_path, "--steps", "3", "--eval-sentences", "4", "--layers", "4")
-    assert [r["variant"] for r in results] == ["gshard", "seq", "feat", "seq+cluster"]
+    """The demo trains GShard, node-limited, Seq, Feat and Seq + clustering, prints the table with the
+    measured and predicted speed-up against GShard and each variant's rank-by-rank bytes, and writes one
+    results.json entry per variant; node-limited, Seq and Feat send fewer bytes across nodes than GShard."""
+    results, stdout = run_trainer(tmp_path, "demo", "--steps", "3", "--eval-sentences", "4", "--layers", "4")
+    assert [r["variant"] for r in results] == ["gshard", "node-limited", "seq", "feat", "seq+cluster"]
     for r in results:
         assert RESULT_KEYS <= set(r) and r["steps"] == 3
-    assert "speed-up" in stdout and "1.00x" in stdout
+        matrix = r["byte_matrix"]  # (src, dst) bytes of the last step; the off-node blocks are inter-node
+        assert sum(matrix[s][d] for s in range(4) for d in range(4) if s // 2 != d // 2) == \
+            pytest.approx(r["bytes_per_step"]["inter_node"], rel=0.35)
+    inter = {r["variant"]: r["bytes_per_step"]["inter_node"] for r in results}
+    assert max(inter["node-limited"], inter["seq"], inter["feat"]) < inter["gshard"]
+    assert "speed-up" in stdout and "1.00x" in stdout and "node boundaries" in stdout
 
 
 def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
@@ -1639,9 +1646,9 @@ def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
     never interrupted (same data, optimizer state, RNG); shared parameters are saved once, each rank's
     experts, optimizer and RNG in its own file."""
     args = ["--moe", "seq", "--token-cluster", "--layers", "4", "--ckpt-every", "4"]
-    [straight], _ = run_trainer(tmp_path / "a", *args, "--steps", "8")
-    run_trainer(tmp_path / "b", *args, "--steps", "4")
-    [resumed], stdout = run_trainer(tmp_path / "b", *args, "--steps", "8", "--resume")
+    [straight], _ = run_trainer(tmp_path / "a", "train", *args, "--steps", "8")
+    run_trainer(tmp_path / "b", "train", *args, "--steps", "4")
+    [resumed], stdout = run_trainer(tmp_path / "b", "train", *args, "--steps", "8", "--resume")
     assert "resumed from step 4" in stdout
     assert resumed["losses"] == straight["losses"]
     files = sorted(p.name for p in (tmp_path / "b" / "ckpt" / "seq+cluster" / "step000008").iterdir())
@@ -1649,27 +1656,29 @@ def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
 
 
 def test_bench_runs_and_writes_bench_json(tmp_path):
-    """A small --bench on 4 processes (2 nodes x 2) writes bench.json with the contract's keys; the ledger's
-    bytes put Seq's inter-node traffic below GShard's, and the prediction adds bytes over bandwidth."""
-    proc = subprocess.run([sys.executable, "train_toy.py", "--bench", "--bench-tokens", "64", "--d-model", "16",
+    """A small `bench` on 4 processes (2 nodes x 2) writes bench.json with the contract's keys; the ledger's
+    bytes put Seq's and node-limited's inter-node traffic below GShard's, and the prediction adds bytes over
+    bandwidth."""
+    proc = subprocess.run([sys.executable, "train_toy.py", "bench", "--bench-tokens", "64", "--d-model", "16",
                            "--d-ffn", "16", "--reps", "2", "--feat-multiple", "1", "--out", str(tmp_path)],
                           cwd=HERE, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {r["moe"]: r for r in json.loads((tmp_path / "bench.json").read_text())}
-    assert set(rows) == {"gshard", "seq", "feat", "cluster", "experts"}
+    assert set(rows) == {"gshard", "node-limited", "seq", "feat", "cluster", "experts"}
     keys = {"moe", "ratio1", "ratio2", "tokens_per_rank", "d_model", "median_s", "min_s", "compute_only_s", "reps",
             "bytes_per_step", "speedup_vs_gshard", "predicted_s", "predicted_speedup_vs_gshard"}
-    for kind in ("gshard", "seq", "feat", "cluster"):
+    for kind in ("gshard", "node-limited", "seq", "feat", "cluster"):
         assert keys <= set(rows[kind]) and rows[kind]["reps"] == 2
         assert rows[kind]["predicted_s"] > rows[kind]["compute_only_s"]
-    assert rows["seq"]["bytes_per_step"]["inter_node"] < rows["gshard"]["bytes_per_step"]["inter_node"]
+    for kind in ("seq", "node-limited"):
+        assert rows[kind]["bytes_per_step"]["inter_node"] < rows["gshard"]["bytes_per_step"]["inter_node"]
     assert "speed-up" in proc.stdout
 
 
 def test_trace_prints_every_token_and_the_bytes():
-    """--trace on 4 processes prints a row for each of the 40 tokens (tier, experts, ranks) and the bytes
+    """`trace` on 4 processes prints a row for each of the 40 tokens (tier, experts, ranks) and the bytes
     of each tier; with alpha = 1 every token is local and no byte moves."""
-    run = lambda *a: subprocess.run([sys.executable, "train_toy.py", "--trace", *a], cwd=HERE,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "train_toy.py", "trace", *a], cwd=HERE,  # noqa: E731
                                     capture_output=True, text=True, timeout=300)
     proc = run()
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -1681,8 +1690,8 @@ def test_trace_prints_every_token_and_the_bytes():
 
 
 def test_bench_assign_reports_the_gap_to_scipy():
-    """--bench-assign prints, per size, our time, scipy's, the ratio and the optimality gap."""
-    proc = subprocess.run([sys.executable, "train_toy.py", "--bench-assign", "--assign-tokens", "64,128",
+    """`bench-assign` prints, per size, our time, scipy's, the ratio and the optimality gap."""
+    proc = subprocess.run([sys.executable, "train_toy.py", "bench-assign", "--assign-tokens", "64,128",
                            "--assign-clusters", "4", "--reps", "1"], cwd=HERE, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -1737,23 +1746,91 @@ def test_cli_rejects_cuda_without_a_gpu(capsys):
     (["--ratio1", "0.7", "--ratio2", "0.5"], "ratio1 \\+ ratio2"),
     (["--nproc", "4", "--ranks-per-node", "3"], "--ranks-per-node 3 does not divide the 4 ranks"),
     (["--capacity-factor", "0"], "capacity_factor=0.0 must be > 0"),
-    (["--experts-per-rank", "0"], "--experts-per-rank 0"),
-    (["--moe", "dense", "--token-cluster"], "--token-cluster needs --layers >= 4 .* and --moe gshard"),
-    (["--moe", "feat", "--ratio1", "0.01"], "the local slice of d_model=64"),
+    (["--experts", "0"], "--experts 0"),
+    (["--experts", "6"], "--experts 6 is not a multiple of the 4 ranks"),
+    (["train", "--moe", "dense", "--token-cluster"], "--token-cluster needs --layers >= 4 .* and an MoE variant"),
+    (["train", "--moe", "feat", "--ratio1", "0.01"], "the local slice of d_model=64"),
+    (["--batch", "30"], "--batch 30 does not split evenly over 4 ranks"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--aux-weight", "inf"], "--aux-weight inf: must be a finite number"),
+    (["--lr", "-0.001"], "--lr > 0"),
+    (["train", "--capacity-factor", "inf"], "--capacity-factor inf: must be a finite number"),
+    (["--timeout", "nan"], "--timeout nan: must be a finite number"),
+    (["--seed", "-1"], "--seed -1: must be at least 0"),
+    (["sweep", "--points", "0.2-0.5"], "--points '0.2-0.5': write ratio1:ratio2 pairs"),
+    (["sweep", "--variants", "gshard,moe"], "--variants: unknown moe"),
     (["--steps", "0"], "--steps 0"),
     (["--d-model", "0"], "--d-model 0"),
     (["--eval-sentences", "0"], "--eval-sentences 0"),
     (["--ranks-per-node", "0"], "--ranks-per-node 0"),
     (["--timeout", "0"], "--timeout 0"),
-    (["--moe", "seq", "--token-cluster", "--layers", "3"], "--token-cluster needs --layers >= 4"),
-    (["--moe", "seq", "--token-cluster", "--cluster-assign", "argmax"], "--cluster-assign argmax needs .* sigmoid"),
-    (["--moe", "dense", "--reorder-layers"], "--reorder-layers needs --moe gshard"),
+    (["train", "--moe", "seq", "--token-cluster", "--layers", "3"], "--token-cluster needs --layers >= 4"),
+    (["train", "--moe", "seq", "--token-cluster", "--cluster-assign", "argmax"],
+     "--cluster-assign argmax needs .* sigmoid"),
+    (["train", "--moe", "dense", "--reorder-layers"], "--reorder-layers needs an MoE variant"),
 ])
 def test_cli_errors(argv, message, capsys):
     """Bad command-line values stop the program with a message naming the value, before any process starts."""
     with pytest.raises(SystemExit):
         toy.parse_args(argv)
     assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_every_command_has_help_and_every_readme_command_parses():
+    """`--help` of the program and of every command exits 0 and names the command's own flags; every
+    `python train_toy.py ...` and `torchrun ... train_toy.py ...` line in README.md parses."""
+    for command, flag in [(None, "sweep"), ("demo", "--gbps-inter-node"), ("train", "--moe"), ("sweep", "--points"),
+                          ("trace", "--moe"), ("bench", "--bench-tokens"), ("bench-assign", "--assign-tokens")]:
+        proc = subprocess.run([sys.executable, "train_toy.py", *([command] if command else []), "--help"], cwd=HERE,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and flag in proc.stdout, (command, proc.stderr)
+    readme = (HERE / "README.md").read_text()
+    lines = [line.split("#")[0].split("train_toy.py", 1)[1] for line in readme.splitlines()
+             if line.startswith("    ") and "train_toy.py" in line]  # the indented command blocks
+    assert len(lines) >= 5
+    for line in lines:
+        args = line.split()
+        if "--device" in args and "cuda" in args and not torch.cuda.is_available():
+            continue  # a GPU command: checked on GPU machines only
+        toy.parse_args(args)
+
+
+def _losses(out: Path) -> list[float]:
+    return json.loads((out / "results.json").read_text())[0]["losses"]
+
+
+@pytest.mark.parametrize("moe", ["dense", "gshard"])
+def test_the_global_batch_trains_the_same_model_on_1_and_4_processes(tmp_path, moe):
+    """--batch is the global batch: one process and 4 processes (2 nodes x 2) train the same model on the
+    same data, so their losses agree to float tolerance (dropout 0; GShard with a capacity that never binds
+    and aux weight 0, its aux loss being a per-rank statistic)."""
+    flags = ["--moe", moe, "--steps", "4", "--dropout", "0", "--aux-weight", "0", "--capacity-factor", "8",
+             "--eval-sentences", "8"]
+    run_trainer(tmp_path / "one", "train", *flags, "--nproc", "1")
+    run_trainer(tmp_path / "four", "train", *flags, "--nproc", "4")
+    one, four = _losses(tmp_path / "one"), _losses(tmp_path / "four")
+    assert len(one) == 4 and one[-1] < one[0]
+    torch.testing.assert_close(torch.tensor(four), torch.tensor(one), rtol=1e-5, atol=1e-5)
+
+
+def test_sweep_runs_every_point_and_resumes(tmp_path):
+    """A tiny sweep trains each (variant, point, seed) once, writes one file per run, the table and the
+    per-point means; run again, it skips every finished run and trains only what was added."""
+    flags = ["--steps", "2", "--eval-every", "1", "--eval-sentences", "4", "--seeds", "0",
+             "--variants", "gshard,seq,feat", "--points", "0.25:0.5,0.5:0.25"]
+    run = lambda *a: subprocess.run([sys.executable, "train_toy.py", "sweep", *TINY, *flags, *a,  # noqa: E731
+                                     "--out", str(tmp_path)], cwd=HERE, capture_output=True, text=True, timeout=600)
+    first = run()
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert names == ["feat@0.25,0.5_seed0.json", "feat@0.5,0.25_seed0.json", "gshard_seed0.json",
+                     "seq@0.25,0.5_seed0.json", "seq@0.5,0.25_seed0.json"]
+    table = (tmp_path / "table.md").read_text()
+    assert "| seq@0.25,0.5 | 0 |" in table and "1: " in table and "2: " in table
+    again = run("--variants", "gshard,dense")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("parameters,") == 1  # only dense was trained
+    assert len(list((tmp_path / "runs").iterdir())) == 6
 
 
 def _timeout_worker(rank: int, port: int, report, release) -> None:

@@ -1,20 +1,21 @@
 """Train a small SCoMoE Transformer on a synthetic multilingual translation task.
 
-Launch (one code path; a single rank simply skips communication):
-  python train_toy.py                                # the classroom demo: GShard, Seq, Feat and
-                                                     # Seq + clustering on 4 CPU processes as 2 nodes
-  python train_toy.py --moe seq --token-cluster      # one variant
-  python train_toy.py --nproc 4 --ranks-per-node 4   # 4 processes on one node
-  torchrun --nproc_per_node=2 train_toy.py --moe seq # GPUs with NCCL (gloo on CPU)
-  torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=A train_toy.py ...
-  python train_toy.py --trace                        # each token's tier, experts, ranks; bytes per link
-  python train_toy.py --bench-assign                 # the auction against scipy's exact solver
+One command per job (each has its own flags: python train_toy.py COMMAND --help):
+  python train_toy.py                                  # demo (the default): GShard, node-limited, Seq, Feat and
+                                                       # Seq + clustering on 4 CPU processes as 2 nodes
+  python train_toy.py train --moe seq --token-cluster  # one variant
+  python train_toy.py sweep --seeds 0,1,2              # quality against inter-node bytes (resumable)
+  python train_toy.py trace --moe seq                  # each token's tier, experts, ranks; bytes per link
+  python train_toy.py bench --nproc 1                  # one MoE layer per variant, with a cost model
+  python train_toy.py bench-assign                     # the auction against scipy's exact solver
+  torchrun --nproc_per_node=2 train_toy.py train --moe seq    # GPUs with NCCL (gloo on CPU)
+  torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=A train_toy.py train ...
 
 Without torchrun the script spawns --nproc CPU processes (gloo, a free localhost
 port) with --ranks-per-node ranks on each emulated node. Under torchrun it reads
 RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE; --ranks-per-node overrides
-LOCAL_WORLD_SIZE to emulate nodes. Rank 0 prints one line every few steps and
-writes <out>/results.json (and a PNG when matplotlib is there).
+LOCAL_WORLD_SIZE to emulate nodes. --batch is the global batch, split over the
+ranks. Rank 0 prints one line every few steps and writes its results under --out.
 """
 
 from __future__ import annotations
@@ -366,8 +367,7 @@ class Translator(nn.Module):
         return logits, enc_outs + dec_outs
 
     def ledgers(self) -> list[sc.CommLedger]:
-        return [m.ledger for m in self.modules() if isinstance(m, (sc.GShardMoE, sc.SCoMoESeq, sc.SCoMoEFeat,
-                                                                    sc.TokenClustering))]
+        return [m.ledger for m in self.modules() if isinstance(getattr(m, "ledger", None), sc.CommLedger)]
 
 
 def model_fingerprint(model: Translator) -> str:
@@ -403,15 +403,23 @@ class Variant:
     moe: str
     token_cluster: bool = False
     cluster_gate: str = "softmax"
-    reorder: bool = False  # PAPER.md's layer order without clustering
+    reorder: bool = False  # the clustering layer order without clustering
     cluster_assign: str = "balanced"  # or "argmax": each token to its best cluster (sigmoid gate only)
+    point: Optional[tuple[float, float]] = None  # (ratio1, ratio2) of Seq / Feat; None: the command line's
 
     @property
     def name(self) -> str:
-        if not self.token_cluster:
-            return self.moe + ("+reorder" if self.reorder else "")
-        options = [o for o in (self.cluster_gate, self.cluster_assign) if o not in ("softmax", "balanced")]
-        return f"{self.moe}+cluster" + (f"({','.join(options)})" if options else "")
+        name = self.moe + ("+reorder" if self.reorder and not self.token_cluster else "")
+        if self.token_cluster:
+            options = [o for o in (self.cluster_gate, self.cluster_assign) if o not in ("softmax", "balanced")]
+            name = f"{self.moe}+cluster" + (f"({','.join(options)})" if options else "")
+        return name + (f"@{self.point[0]:g},{self.point[1]:g}" if self.point else "")
+
+    def apply(self, args: argparse.Namespace) -> argparse.Namespace:
+        """The command line with this variant's (ratio1, ratio2)."""
+        if self.point is None:
+            return args
+        return argparse.Namespace(**{**vars(args), "ratio1": self.point[0], "ratio2": self.point[1]})
 
 
 @dataclass
@@ -423,6 +431,8 @@ class RunState:
     auxes: list = field(default_factory=list)
     step_times: list = field(default_factory=list)
     bytes: dict = field(default_factory=lambda: {link: 0 for link in sc.LINK_CLASSES})  # summed over ranks and steps
+    evals: list = field(default_factory=list)  # {"step", "bleu", "valid_loss"} every --eval-every steps
+    byte_matrix: list = field(default_factory=list)  # [src][dst] bytes of the last step (rank 0's copy)
 
 
 def print0(*a, **k) -> None:
@@ -438,9 +448,9 @@ def all_sum(values: Tensor) -> list[float]:
     return values.tolist()
 
 
-def moe_config(args: argparse.Namespace, world_size: int) -> sc.MoEConfig:
+def moe_config(args: argparse.Namespace) -> sc.MoEConfig:
     """The MoE layers' settings from the command line."""
-    return sc.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn, num_experts=args.experts_per_rank * world_size,
+    return sc.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn, num_experts=args.experts,
                         capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2,
                         feat_multiple=args.feat_multiple)
 
@@ -453,20 +463,40 @@ def cluster_route(args: argparse.Namespace, topo: sc.Topology) -> str:
 
 def build_model(args: argparse.Namespace, variant: Variant, task: Task, topo: sc.Topology,
                 device: torch.device) -> Translator:
-    moe_cfg = None if variant.moe == "dense" else moe_config(args, topo.world_size)
+    moe_cfg = None if variant.moe == "dense" else moe_config(variant.apply(args))
     cfg = ModelConfig(vocab=task.vocab, d_model=args.d_model, d_ffn=args.d_ffn, layers=args.layers,
                       max_len=max(64, task.max_target_len() + 2), dropout=args.dropout, moe=variant.moe,
                       token_cluster=variant.token_cluster, reorder_layers=variant.reorder,
                       cluster_gate=variant.cluster_gate, cluster_assign=variant.cluster_assign,
-                      route_to=cluster_route(args, topo), decode_clustering=args.decode_clustering,
+                      route_to=cluster_route(variant.apply(args), topo), decode_clustering=args.decode_clustering,
                       moe_cfg=moe_cfg)
-    torch.manual_seed(args.seed)  # shared parameters: the same on every rank
-    model = Translator(cfg, topo).to(device)
-    torch.manual_seed(args.seed * 1000 + 1 + topo.rank)  # experts: different on every rank
+    model = Translator(cfg, topo)
+    init_shared(model, args.seed)
+    init_experts(model, args.seed, topo.rank)
+    return model.to(device)
+
+
+def init_shared(model: Translator, seed: int) -> None:
+    """The replicated parameters from one seed, module by module, skipping the experts: the same on every
+    rank, and the same whatever the number of experts each rank holds."""
+    torch.manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, sc.Experts):
+        if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Embedding)):
             m.reset_parameters()
-    return model
+    nn.init.normal_(model.embed.weight, std=model.cfg.d_model**-0.5)  # as Translator does
+
+
+def init_experts(model: nn.Module, seed: int, rank: int) -> None:
+    """Expert e of expert module i starts from a generator seeded by (seed, i, e), e the global expert id:
+    the same model whatever the number of ranks it is spread over."""
+    for i, experts in enumerate(m for m in model.modules() if isinstance(m, sc.Experts)):
+        for j in range(experts.n):
+            state = np.random.SeedSequence([seed, i, rank * experts.n + j]).generate_state(1)[0]
+            g = torch.Generator().manual_seed(int(state))
+            with torch.no_grad():  # as nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                for w, b, fan_in in ((experts.w1, experts.b1, experts.d_model), (experts.w2, experts.b2, experts.d_ffn)):
+                    w[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+                    b[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -617,6 +647,7 @@ def gather_objects(obj) -> list:
 def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: sc.Topology,
                   device: torch.device) -> Optional[dict]:
     """Train one variant for args.steps steps (resuming if asked) and evaluate it; the result on rank 0."""
+    args = variant.apply(args)
     model = build_model(args, variant, task, topo, device)
     experts = expert_parameters(model)
     shared_params = [p for p in model.parameters() if id(p) not in experts]
@@ -634,15 +665,12 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
 
     n_params = sum(p.numel() for p in shared_params) + sum(topo.gather_counts(sum(p.numel() for p in expert_params)))
     print0(f"[{variant.name}] {n_params / 1e6:.2f}M parameters, {topo.world_size} ranks "
-           f"({topo.num_nodes} node(s) x {topo.ranks_per_node}), experts per rank {args.experts_per_rank}, "
+           f"({topo.num_nodes} node(s) x {topo.ranks_per_node}), {args.experts} experts, "
            f"layers: enc {' '.join(model.encoder.plan)} | dec {' '.join(model.decoder.plan)}")
     started, first_step = time.perf_counter(), state.step
     while state.step < args.steps:
-        if args.fail_at_step == state.step and topo.rank == min(1, topo.world_size - 1) \
-                and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
-            print(f"rank {topo.rank}: exiting at step {state.step} (--fail-at-step)", flush=True)
-            os._exit(1)
-        batch = train_batch(task, state.step, topo.rank, topo.world_size, args.batch, args.seed)
+        inject_fault(args, state.step, topo)
+        batch = train_batch(task, state.step, topo.rank, topo.world_size, args.batch // topo.world_size, args.seed)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -669,6 +697,9 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         assigned = torch.stack([r.assigned for r in routings]).sum() if routings else ce.new_zeros(())
         accepted = torch.stack([r.load.sum() for r in routings]).sum() if routings else ce.new_zeros(())
         sent = [sum(led.total(link=link) for led in model.ledgers()) for link in sc.LINK_CLASSES]  # host ints
+        if state.step + 1 == args.steps:  # the rank-by-rank bytes of one step, for the demo's picture
+            state.byte_matrix = gather_objects([sum(led.to_rank.get(r, 0) for led in model.ledgers())
+                                                for r in range(topo.world_size)])
         for ledger in model.ledgers():
             ledger.reset()
         stats = torch.stack([ce.detach(), aux.detach(), (assigned - accepted).to(ce.dtype), assigned.to(ce.dtype)])
@@ -688,6 +719,11 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
                    f"({state.step - first_step} steps this run)")
         if args.ckpt_every and state.step % args.ckpt_every == 0:
             save_checkpoint(args, variant, model, opt_shared, opt_experts, state, topo)
+        if args.eval_every and state.step % args.eval_every == 0 and state.step < args.steps:
+            scores = evaluate(model, task, topo, device, args.eval_sentences)
+            state.evals.append({"step": state.step, **{k: scores.get(k) for k in ("bleu", "valid_loss")}})
+            print0(f"[{variant.name}] step {state.step}: BLEU {scores.get('bleu', 0):.1f}, "
+                   f"valid loss {scores.get('valid_loss', 0):.3f}")
     train_time = time.perf_counter() - started
     scores = evaluate(model, task, topo, device, args.eval_sentences)
     if topo.rank != 0:
@@ -701,7 +737,10 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         "cluster_assign": variant.cluster_assign if variant.token_cluster else None,
         "ratio1": args.ratio1 if variant.moe in ("seq", "feat") else None,
         "ratio2": args.ratio2 if variant.moe in ("seq", "feat") else None, "world_size": topo.world_size,
-        "ranks_per_node": topo.ranks_per_node, "experts_per_rank": args.experts_per_rank,
+        "byte_matrix": state.byte_matrix,
+        "ranks_per_node": topo.ranks_per_node, "experts": args.experts, "languages": args.languages,
+        "layers": args.layers, "batch": args.batch, "evals": state.evals + [
+            {"step": state.step, "bleu": scores["bleu"], "valid_loss": scores["valid_loss"]}],
         "capacity_factor": args.capacity_factor, "seed": args.seed, "steps": state.step,
         "final_loss": statistics.mean(state.losses[-10:]), "bleu": scores["bleu"],
         "exact_match": scores["exact_match"], "valid_loss": scores["valid_loss"],
@@ -713,44 +752,138 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
 
 
 # ----------------------------------------------------------------------------
-# The classroom demo's report
+# Reports: the classroom demo's table and traffic picture, the sweep's table and curves
 
 
-def report(results: list[dict], out: str) -> None:
-    """Print the table, write results.json and (with matplotlib) a PNG of losses and bytes per link."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    base = next((r for r in results if r["moe"] == "gshard" and not r["token_cluster"]), None)
-    print(f"\n{'variant':<22} {'BLEU':>6} {'exact':>6} {'loss':>6} {'step s':>7} "
-          f"{'MB/step dev':>11} {'node':>7} {'inter':>7} {'speed-up':>9}")
-    for r in results:
-        mb = [r["bytes_per_step"][link] / 1e6 for link in sc.LINK_CLASSES]
-        speed = f"{base['step_time_s'] / r['step_time_s']:.2f}x" if base else "-"
-        print(f"{r['variant']:<22} {r['bleu']:>6.1f} {r['exact_match']:>6.2f} {r['final_loss']:>6.3f} "
-              f"{r['step_time_s']:>7.3f} {mb[0]:>11.2f} {mb[1]:>7.2f} {mb[2]:>7.2f} {speed:>9}")
-    print(f"\nwrote {os.path.join(out, 'results.json')}")
+def cluster_step_time(compute_s: float, matrix: list[list[int]], G: int, gbps_intra: float, gbps_inter: float) -> float:
+    """The cost model: compute time plus, per link class, the bytes of the busiest sender over its bandwidth.
+    matrix[src][dst]: bytes one step sends. Intra-node: one rank's bytes to its node's other ranks over
+    gbps_intra; inter-node: one node's bytes to other nodes (its ranks share the link) over gbps_inter.
+    Latency and overlap are ignored."""
+    W = len(matrix)
+    intra = max(sum(matrix[r][q] for q in range(W) if q != r and q // G == r // G) for r in range(W))
+    inter = max(sum(matrix[r][q] for r in range(n * G, (n + 1) * G) for q in range(W) if q // G != n)
+                for n in range(W // G))
+    return compute_s + intra * 8 / (gbps_intra * 1e9) + inter * 8 / (gbps_inter * 1e9)
+
+
+def try_pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("for a plot of the loss curves and bytes per link: pip install matplotlib, then run again")
-        return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        return None
+    return plt
+
+
+def report(results: list[dict], args: argparse.Namespace, topo: sc.Topology) -> None:
+    """Print the table and the rank-by-rank traffic of one step; write results.json (and results.png)."""
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    G, W = topo.ranks_per_node, topo.world_size
     for r in results:
-        ax1.plot(r["losses"], label=r["variant"])
-    ax1.set(xlabel="step", ylabel="training loss", title="loss")
-    ax1.legend()
-    x = np.arange(len(results))
-    for i, link in enumerate(sc.LINK_CLASSES):
-        ax2.bar(x + (i - 1) * 0.27, [r["bytes_per_step"][link] / 1e6 for r in results], 0.27, label=link)
-    ax2.set_xticks(x, [r["variant"] for r in results], rotation=15)
-    ax2.set(ylabel="MB per step (all ranks, fwd + bwd)", title="bytes per link class")
-    ax2.legend()
+        r["cluster_step_s"] = cluster_step_time(r["step_time_s"], r["byte_matrix"], G, args.gbps_intra_node,
+                                                args.gbps_inter_node)
+    base = next((r for r in results if r["moe"] == "gshard" and not r["token_cluster"]), results[0])
+    print(f"\n{W} ranks as {topo.num_nodes} node(s) x {G}; step s measured on this machine ({W} processes on "
+          f"{os.cpu_count()} cores); predicted on a cluster of the same shape with {args.gbps_intra_node:g} Gbit/s "
+          f"per rank inside a node and {args.gbps_inter_node:g} Gbit/s per node between nodes")
+    print(f"{'variant':<14} {'BLEU':>5} {'valid loss':>10} {'MB/step dev':>11} {'node':>6} {'inter':>6} "
+          f"{'step s':>7} {'speed-up':>8} {'cluster s':>9} {'speed-up':>8}")
+    for r in results:
+        mb = [r["bytes_per_step"][link] / 1e6 for link in sc.LINK_CLASSES]
+        print(f"{r['variant']:<14} {r['bleu']:>5.1f} {r['valid_loss']:>10.3f} {mb[0]:>11.2f} {mb[1]:>6.2f} "
+              f"{mb[2]:>6.2f} {r['step_time_s']:>7.3f} {base['step_time_s'] / r['step_time_s']:>7.2f}x "
+              f"{r['cluster_step_s']:>9.3f} {base['cluster_step_s'] / r['cluster_step_s']:>7.2f}x")
+    print(f"\nMB one training step sends from each rank (row) to each rank (column); | and - mark the node "
+          f"boundaries, so traffic outside the diagonal blocks crosses nodes")
+    for r in results:
+        m = r["byte_matrix"]
+        print(f"{r['variant']}:")
+        for src in range(W):
+            cells = [f"{m[src][dst] / 1e6:6.2f}" + (" |" if (dst + 1) % G == 0 and dst + 1 < W else "")
+                     for dst in range(W)]
+            print("   " + " ".join(cells))
+            if (src + 1) % G == 0 and src + 1 < W:
+                print("   " + "-" * (7 * W + 2 * (W // G - 1)))
+    print(f"\nwrote {path}")
+    plt = try_pyplot()
+    if plt is None:
+        print("for the pictures: pip install matplotlib, then run again")
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.4))
+    top = max(max(map(max, r["byte_matrix"])) for r in results) / 1e6
+    for ax, r in zip(np.atleast_1d(axes), results):
+        ax.imshow(np.array(r["byte_matrix"]) / 1e6, cmap="Blues", vmin=0, vmax=top)
+        for edge in range(G, W, G):  # node boundaries
+            ax.axhline(edge - 0.5, color="red")
+            ax.axvline(edge - 0.5, color="red")
+        inter = r["bytes_per_step"]["inter_node"] / 1e6
+        ax.set(title=f"{r['variant']}\nBLEU {r['bleu']:.1f}, {inter:.1f} MB inter-node", xlabel="to rank",
+               ylabel="from rank", xticks=range(W), yticks=range(W))
+    fig.suptitle(f"bytes one step sends, rank by rank (red: node boundaries; white 0 to blue {top:.1f} MB)")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "results.png"), dpi=110)
-    print(f"wrote {os.path.join(out, 'results.png')}")
+    fig.savefig(os.path.join(args.out, "results.png"), dpi=110)
+    print(f"wrote {os.path.join(args.out, 'results.png')}")
+
+
+def family(r: dict) -> str:
+    """A run's curve in the sweep: the variant without its locality point."""
+    return r["variant"].split("@")[0]
+
+
+def sweep_report(args: argparse.Namespace) -> None:
+    """Mean and spread over seeds of BLEU and valid loss per (variant, point) against inter-node MB per
+    step: a table (printed and in <out>/table.md) and, with matplotlib, <out>/sweep.png."""
+    folder = os.path.join(args.out, "runs")
+    runs = [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")] \
+        if os.path.isdir(folder) else []
+    if not runs:
+        print(f"no finished runs in {folder}")
+        return
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(r["variant"], []).append(r)
+    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
+    rows = []
+    for name, rs in groups.items():
+        bleu, loss = [r["bleu"] for r in rs], [r["valid_loss"] for r in rs]
+        steps = sorted({e["step"] for r in rs for e in r["evals"]})
+        curve = [statistics.mean(e["bleu"] for r in rs for e in r["evals"] if e["step"] == s) for s in steps]
+        rows.append({"variant": name, "family": family(rs[0]), "seeds": sorted(r["seed"] for r in rs),
+                     "inter_mb": statistics.mean(r["bytes_per_step"]["inter_node"] for r in rs) / 1e6,
+                     "bleu": statistics.mean(bleu), "bleu_sd": sd(bleu), "loss": statistics.mean(loss),
+                     "loss_sd": sd(loss), "curve": dict(zip(steps, curve))})
+    rows.sort(key=lambda r: (SWEEP_VARIANTS.index(r["family"]) if r["family"] in SWEEP_VARIANTS else 99, r["variant"]))
+    lines = ["| variant (ratio1, ratio2) | seeds | inter-node MB/step | BLEU mean ± sd | valid loss mean ± sd | "
+             "mean BLEU at steps |", "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        curve = ", ".join(f"{s}: {b:.1f}" for s, b in r["curve"].items())
+        lines.append(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {r['inter_mb']:.2f} | "
+                     f"{r['bleu']:.1f} ± {r['bleu_sd']:.1f} | {r['loss']:.3f} ± {r['loss_sd']:.3f} | {curve} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    plt = try_pyplot()
+    if plt is None:
+        print("for the picture: pip install matplotlib, then run again")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        pts = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["inter_mb"])
+        for ax, key in zip(axes, ("bleu", "loss")):
+            ax.errorbar([r["inter_mb"] for r in pts], [r[key] for r in pts], yerr=[r[key + "_sd"] for r in pts],
+                        marker="o", capsize=3, label=fam)
+    axes[0].set(xlabel="inter-node MB per step (all ranks)", ylabel="BLEU (mean ± sd over seeds)", title="quality")
+    axes[1].set(xlabel="inter-node MB per step (all ranks)", ylabel="teacher-forced valid loss", title="loss")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "sweep.png"), dpi=110)
+    print(f"wrote {os.path.join(args.out, 'sweep.png')}")
 
 
 # ----------------------------------------------------------------------------
@@ -760,9 +893,10 @@ def report(results: list[dict], out: str) -> None:
 def trace(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> None:
     """One MoE layer on a tiny batch: each token's tier, experts and ranks; bytes per link per tier."""
     d = 8
-    cfg = sc.MoEConfig(d_model=d, d_ffn=16, num_experts=args.experts_per_rank * topo.world_size,
+    n = args.experts // topo.world_size
+    cfg = sc.MoEConfig(d_model=d, d_ffn=16, num_experts=args.experts,
                       capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2, feat_multiple=1)
-    moe = "seq" if args.moe in (None, "dense") else args.moe
+    moe = args.moe
     layer = sc.make_moe_layer(moe, cfg, topo).to(device)
     torch.manual_seed(args.seed + topo.rank)
     x = torch.randn(10, d, device=device, requires_grad=True)  # (t, d): 10 tokens on every rank
@@ -773,18 +907,24 @@ def trace(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> 
     for tier, info in out.tiers.items():
         tokens = info.tokens.tolist() if info.tokens is not None else list(range(x.shape[0]))
         r = info.routing
+        if tier == "peers":  # node-limited routing's first hop: each token's node
+            rows += [(topo.rank, tok, "node?", f"node {j}{'' if kept else ' (dropped)'}")
+                     for tok, j, kept in zip(tokens, r.expert[:, 0].tolist(), r.kept[:, 0].tolist())]
+            continue
+        if r.expert.shape[0] != len(tokens):  # its second hop routes the slots it received, not its tokens
+            continue
         for i, tok in enumerate(tokens):
             experts = [info.first_expert + e for e in r.expert[i].tolist()]
-            picks = [f"e{e}@r{e // args.experts_per_rank}{'' if kept else '(dropped)'} w={w:.2f}"
+            picks = [f"e{e}@r{e // n}{'' if kept else '(dropped)'} w={w:.2f}"
                      for e, kept, w in zip(experts, r.kept[i].tolist(), r.weight[i].tolist())]
             rows.append((topo.rank, tok, tier, ", ".join(picks)))
     ledger = {(tier, dirn, link): layer.ledger.total(link=link, direction=dirn, tag=tier)
-              for tier in sc.TIERS for dirn in ("forward", "backward") for link in sc.LINK_CLASSES}
+              for tier in (*sc.TIERS, "peers") for dirn in ("forward", "backward") for link in sc.LINK_CLASSES}
     every = gather_objects((sorted(rows, key=lambda r: (r[1], r[2])), ledger))
     if topo.rank != 0:
         return
     print(f"{moe}: W={topo.world_size} ranks, {topo.num_nodes} node(s) x {topo.ranks_per_node}, "
-          f"{cfg.num_experts} experts ({args.experts_per_rank} per rank), alpha={cfg.ratio1} beta={cfg.ratio2}")
+          f"{cfg.num_experts} experts ({n} per rank), alpha={cfg.ratio1} beta={cfg.ratio2}")
     if moe == "feat":
         print(f"slice widths (local, node, global) = {layer.widths} of d_model={d}; every token goes to every tier")
     print(f"{'rank':>4} {'token':>5}  {'tier':<6}  experts (e<id>@r<rank>, combine weight)")
@@ -793,9 +933,11 @@ def trace(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> 
             print(f"{rank:>4} {tok:>5}  {tier:<6}  {picks}")
     print("\nbytes handed to each link class, summed over ranks (each direction: to the experts and back)")
     print(f"{'tier':<6} {'direction':<9} " + " ".join(f"{link:>13}" for link in sc.LINK_CLASSES))
-    for tier in sc.TIERS:
+    for tier in (*sc.TIERS, "peers"):
         for dirn in ("forward", "backward"):
             total = [sum(led[tier, dirn, link] for _, led in every) for link in sc.LINK_CLASSES]
+            if not any(total):
+                continue
             print(f"{tier:<6} {dirn:<9} " + " ".join(f"{b:>13,}" for b in total))
 
 
@@ -814,7 +956,7 @@ def timed(fn, reps: int) -> tuple[float, float, object]:
     return statistics.median(times), min(times), out
 
 
-BENCH_KINDS = ("gshard", "seq", "feat", "cluster")  # the layers --bench times, GShard first
+BENCH_KINDS = ("gshard", "node-limited", "seq", "feat", "cluster")  # the layers --bench times, GShard first
 
 
 def _layer_step(kind: str, layer: nn.Module, x: Tensor):
@@ -837,7 +979,8 @@ def bench(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     W, G, t, d = topo.world_size, topo.ranks_per_node, args.bench_tokens, args.d_model
-    cfg = moe_config(args, W)
+    cfg = moe_config(args)
+    n = args.experts // W
 
     def make(kind: str, tp: sc.Topology) -> nn.Module:
         torch.manual_seed(args.seed)
@@ -852,8 +995,8 @@ def bench(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> 
     inputs = {key: torch.randn(t, d, device=device, dtype=dtype, requires_grad=True) for key in layers}
     # the expert GEMMs alone, on the buffer GShard's experts see: (n, W * C, d)
     capacity = sc.expert_capacity(t, cfg.num_experts, 2, cfg.capacity_factor)
-    layers["experts", "compute"] = sc.Experts(args.experts_per_rank, d, args.d_ffn).to(device, dtype)
-    inputs["experts", "compute"] = torch.randn(args.experts_per_rank, W * capacity, d, device=device, dtype=dtype,
+    layers["experts", "compute"] = sc.Experts(n, d, args.d_ffn).to(device, dtype)
+    inputs["experts", "compute"] = torch.randn(n, W * capacity, d, device=device, dtype=dtype,
                                                requires_grad=True)
     steps = {key: (lambda kind=key[0], layer=layer, x=inputs[key]: _layer_step(kind, layer, x))
              for key, layer in layers.items()}
@@ -921,7 +1064,7 @@ def report_bench(args, topo, cfg, dtype, device, times, every_rank) -> None:
     for k in kinds:
         rows.append({
             "moe": k, "ratio1": cfg.ratio1, "ratio2": cfg.ratio2, "tokens_per_rank": args.bench_tokens,
-            "d_model": cfg.d_model, "d_ffn": cfg.d_ffn, "experts_per_rank": args.experts_per_rank,
+            "d_model": cfg.d_model, "d_ffn": cfg.d_ffn, "experts": args.experts,
             "world_size": topo.world_size, "ranks_per_node": topo.ranks_per_node, "dtype": str(dtype).split(".")[1],
             "device": device.type, "reps": args.reps, "median_s": med[k, "real"], "min_s": min(times[k, "real"]),
             "compute_only_s": med[k, "compute"],
@@ -940,11 +1083,11 @@ def report_bench(args, topo, cfg, dtype, device, times, every_rank) -> None:
           f"{rows[0]['dtype']}, {args.bench_tokens} tokens/rank, d={cfg.d_model}, d_ffn={cfg.d_ffn}, "
           f"{cfg.num_experts} experts, ratios ({cfg.ratio1}, {cfg.ratio2}); median of {args.reps}; "
           f"model: {args.gbps_intra_node} Gbit/s intra-node per rank, {args.gbps_inter_node} Gbit/s per node link")
-    print(f"{'variant':<8} {'median ms':>9} {'min ms':>8} {'compute':>8} {'comm':>8} {'MB dev':>7} {'node':>7} "
+    print(f"{'variant':<13} {'median ms':>9} {'min ms':>8} {'compute':>8} {'comm':>8} {'MB dev':>7} {'node':>7} "
           f"{'inter':>7} {'speed-up':>8} {'pred ms':>8} {'pred s-up':>9}")
     for r in rows[:-1]:
         mb = [r["bytes_per_step"][link] / 1e6 for link in sc.LINK_CLASSES]
-        print(f"{r['moe']:<8} {1e3 * r['median_s']:>9.2f} {1e3 * r['min_s']:>8.2f} {1e3 * r['compute_only_s']:>8.2f} "
+        print(f"{r['moe']:<13} {1e3 * r['median_s']:>9.2f} {1e3 * r['min_s']:>8.2f} {1e3 * r['compute_only_s']:>8.2f} "
               f"{1e3 * (r['median_s'] - r['compute_only_s']):>8.2f} {mb[0]:>7.2f} {mb[1]:>7.2f} {mb[2]:>7.2f} "
               f"{r['speedup_vs_gshard']:>7.2f}x {1e3 * r['predicted_s']:>8.2f} {r['predicted_speedup_vs_gshard']:>8.2f}x")
     g = rows[0]
@@ -1030,134 +1173,237 @@ def bench_assign(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------
 # Command line and launch
 
+COMMANDS = ("demo", "train", "sweep", "trace", "bench", "bench-assign")
+MOE_KINDS = ("dense", "gshard", "seq", "feat", "node-limited")
+SWEEP_VARIANTS = ("dense", "gshard", "node-limited", "seq", "seq+cluster", "feat")
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # what to run
-    p.add_argument("--moe", default=None, choices=["dense", "gshard", "seq", "feat"],
-                   help="train one variant with this FFN (default: the demo trains gshard, seq, feat, seq+cluster)")
-    p.add_argument("--token-cluster", action="store_true", help="cluster tokens at the first MoE layer (PAPER.md order)")
-    p.add_argument("--reorder-layers", action="store_true",
-                   help="PAPER.md's clustering layer order (attention first, MoE FFNs last) without clustering")
-    p.add_argument("--cluster-gate", default="softmax", choices=["softmax", "sigmoid"],
+
+def _flags_task() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("task")
+    g.add_argument("--languages", type=int, default=16, help="target languages (language pairs)")
+    g.add_argument("--src-words", type=int, default=48, help="shared source vocabulary")
+    g.add_argument("--train-pairs", type=int, default=8000, help="training sentence pairs (all languages)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (the task, initialisation, data order, dropout)")
+    return p
+
+
+def _flags_moe() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("MoE layers")
+    g.add_argument("--experts", type=int, default=8, help="experts E in all (a multiple of the number of ranks)")
+    g.add_argument("--capacity-factor", type=float, default=1.25, help="C = ceil(capacity_factor * 2 * tokens / E)")
+    g.add_argument("--ratio1", type=float, default=0.25,
+                   help="alpha: share of tokens (Seq) or of the width (Feat) kept on the device")
+    g.add_argument("--ratio2", type=float, default=0.5, help="beta: share served inside the node")
+    g.add_argument("--feat-multiple", type=int, default=8,
+                   help="Feat slice widths are rounded down to a multiple of this (8 keeps GEMMs aligned; 1: exact)")
+    g.add_argument("--d-model", type=int, default=64, help="model width")
+    g.add_argument("--d-ffn", type=int, default=128, help="hidden width of the dense FFNs and of every expert")
+    return p
+
+
+def _flags_training() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model and training")
+    g.add_argument("--layers", type=int, default=6, help="encoder layers and decoder layers (MoE in every other)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout")
+    g.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss")
+    g.add_argument("--cluster-gate", default="softmax", choices=["softmax", "sigmoid"],
                    help="clustering gate: softmax with differentiable sorting, or BASE layers' sigmoid")
-    p.add_argument("--cluster-assign", default="balanced", choices=["balanced", "argmax"],
+    g.add_argument("--cluster-assign", default="balanced", choices=["balanced", "argmax"],
                    help="clustering: the balanced assignment, or each token to its best cluster (no balance; "
                         "needs --cluster-gate sigmoid, the only gate that trains the router without the sort)")
-    p.add_argument("--decode-clustering", default=None, choices=["balanced", "argmax"],
+    g.add_argument("--decode-clustering", default=None, choices=["balanced", "argmax"],
                    help="the decoder's clustering when decoding (default: as --cluster-assign); argmax is the "
                         "authors' greedy inference option")
-    p.add_argument("--trace", action="store_true", help="print each token's tier, experts and ranks, and the bytes per link")
-    p.add_argument("--bench", action="store_true",
-                   help="time one MoE layer forward + backward per variant, with real all-to-alls and compute only")
-    p.add_argument("--bench-tokens", type=int, default=2048, help="--bench: tokens per rank")
-    p.add_argument("--profile", action="store_true", help="--bench: print the costliest operations of each variant")
-    p.add_argument("--compile", action="store_true", help="--bench: run each layer through torch.compile")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="--bench: dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--gbps-intra-node", type=float, default=50.0,
-                   help="cost model: Gbit/s one rank sends to the other ranks of its node")
-    p.add_argument("--gbps-inter-node", type=float, default=1.0,
-                   help="cost model: Gbit/s one node's link carries to other nodes (shared by its ranks)")
-    p.add_argument("--bench-assign", action="store_true",
-                   help="time balanced_assignment against scipy's exact solver (needs scipy), in this process")
-    p.add_argument("--assign-tokens", default="1024,4096,16384", help="--bench-assign: token counts T")
-    p.add_argument("--assign-clusters", default="8,16,32", help="--bench-assign: cluster counts C")
-    # SCoMoE
-    p.add_argument("--ratio1", type=float, default=0.2, help="alpha: share of tokens (Seq) or width (Feat) kept on the device")
-    p.add_argument("--ratio2", type=float, default=0.5, help="beta: share served inside the node")
-    p.add_argument("--experts-per-rank", type=int, default=2, help="experts on each rank (E = this x world size)")
-    p.add_argument("--capacity-factor", type=float, default=1.25, help="C = ceil(capacity_factor * 2 * tokens / experts)")
-    p.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss")
-    p.add_argument("--feat-multiple", type=int, default=8,
-                   help="Feat slice widths are rounded down to a multiple of this (8 keeps GEMMs aligned; 1: exact)")
-    # model
-    p.add_argument("--d-model", type=int, default=None, help="model width (default 64; 256 with --bench)")
-    p.add_argument("--d-ffn", type=int, default=None, help="FFN and expert hidden width (default 128; 256 with --bench)")
-    p.add_argument("--layers", type=int, default=4, help="encoder layers and decoder layers (MoE in every other)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout")
-    # training
-    p.add_argument("--steps", type=int, default=200, help="training steps per variant")
-    p.add_argument("--batch", type=int, default=32, help="sentences per rank per step")
-    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (Adam, inverse-sqrt schedule)")
-    p.add_argument("--warmup", type=int, default=50, help="warm-up steps")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data, initialisation, dropout)")
-    p.add_argument("--eval-sentences", type=int, default=400, help="validation sentences decoded for BLEU")
-    p.add_argument("--log-every", type=int, default=25, help="steps between log lines")
-    p.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: none)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out, if any")
-    p.add_argument("--out", default="out", help="folder for results.json, the plot and checkpoints")
-    p.add_argument("--fail-at-step", type=int, default=None,
-                   help="testing restarts: rank 1 exits at this step on the first attempt (torchrun restarts it)")
-    # processes
-    p.add_argument("--nproc", type=int, default=4, help="CPU processes to spawn when not under torchrun")
-    p.add_argument("--ranks-per-node", type=int, default=None,
+    g.add_argument("--steps", type=int, default=600, help="training steps per run")
+    g.add_argument("--batch", type=int, default=128, help="sentences per step over all ranks (split evenly)")
+    g.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (Adam, inverse-sqrt schedule)")
+    g.add_argument("--warmup", type=int, default=50, help="warm-up steps")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
+    g.add_argument("--eval-sentences", type=int, default=400, help="validation sentences decoded for BLEU")
+    g.add_argument("--eval-every", type=int, default=0, help="also evaluate every this many steps (0: at the end)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    g.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out, if any")
+    g.add_argument("--out", default="out", help="folder for results, plots and checkpoints")
+    return p
+
+
+def _flags_cost() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("cost model (a stated cluster)")
+    g.add_argument("--gbps-intra-node", type=float, default=50.0,
+                   help="Gbit/s one rank sends to the other ranks of its node")
+    g.add_argument("--gbps-inter-node", type=float, default=1.0,
+                   help="Gbit/s one node's link carries to other nodes (shared by its ranks)")
+    return p
+
+
+def _flags_processes() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("processes")
+    g.add_argument("--nproc", type=int, default=4, help="CPU processes to spawn when not under torchrun")
+    g.add_argument("--ranks-per-node", type=int, default=None,
                    help="ranks per (emulated) node; default 2 when spawning, LOCAL_WORLD_SIZE under torchrun")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA under torchrun when available, else CPU")
-    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"],
+    g.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="auto: NCCL on CUDA, gloo on CPU; gloo on CUDA stages collectives through host memory "
                         "(several ranks on one GPU, which NCCL refuses)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective that cannot complete fails")
-    p.add_argument("--reps", type=int, default=15, help="timed repetitions per benchmark case (after a warm-up)")
+    g.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective that cannot complete fails")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    # fresh parent parsers for every command: set_defaults on one command must not change another's
+    task, moe, training, cost, procs = _flags_task, _flags_moe, _flags_training, _flags_cost, _flags_processes
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    demo = sub.add_parser("demo", parents=[task(), moe(), training(), cost(), procs()], formatter_class=fmt,
+                          help="(default) the classroom demo: GShard, node-limited, Seq, Feat, Seq + clustering",
+                          description="Train each variant at one locality point, then compare quality, bytes per "
+                                      "link and the step time predicted on a stated cluster.")
+    demo.set_defaults(steps=300, fail_at_step=None)
+
+    train = sub.add_parser("train", parents=[task(), moe(), training(), cost(), procs()], formatter_class=fmt,
+                           help="train one variant", description="Train one variant and evaluate it.")
+    g = train.add_argument_group("variant")
+    g.add_argument("--moe", default="gshard", choices=MOE_KINDS, help="the FFN of every other layer")
+    g.add_argument("--token-cluster", action="store_true", help="cluster tokens at the first MoE layer")
+    g.add_argument("--reorder-layers", action="store_true",
+                   help="the clustering layer order (attention first, MoE FFNs last) without clustering")
+    g.add_argument("--fail-at-step", type=int, default=None,
+                   help="testing restarts: rank 1 exits at this step on the first attempt (torchrun restarts it)")
+
+    sweep = sub.add_parser("sweep", parents=[task(), moe(), training(), procs()], formatter_class=fmt,
+                           help="quality against inter-node bytes: variants x locality points x seeds",
+                           description="Train every (variant, point, seed) not yet in <out>/runs (resumable), "
+                                       "then write the table and, with matplotlib, the picture.")
+    g = sweep.add_argument_group("sweep")
+    g.add_argument("--variants", default=",".join(SWEEP_VARIANTS),
+                   help=f"comma-separated, from {','.join(SWEEP_VARIANTS)}")
+    g.add_argument("--points", default="0.125:0.375,0.25:0.5,0.5:0.375",
+                   help="ratio1:ratio2 pairs of Seq, Seq + clustering and Feat, comma-separated")
+    g.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    g.add_argument("--report-only", action="store_true", help="write the table and picture of the runs done so far")
+    sweep.set_defaults(out="sweep", eval_every=200, fail_at_step=None)
+
+    trace = sub.add_parser("trace", parents=[moe(), procs()], formatter_class=fmt,
+                           help="each token's tier, experts and ranks in one MoE layer; bytes per link")
+    trace.add_argument("--moe", default="seq", choices=MOE_KINDS[1:], help="the layer to trace")
+    trace.add_argument("--seed", type=int, default=0, help="random seed of the tokens")
+
+    bench = sub.add_parser("bench", parents=[moe(), cost(), procs()], formatter_class=fmt,
+                           help="time one MoE layer per variant, with real all-to-alls and compute only")
+    g = bench.add_argument_group("benchmark")
+    g.add_argument("--bench-tokens", type=int, default=2048, help="tokens per rank")
+    g.add_argument("--reps", type=int, default=15, help="timed repetitions per case (after two warm-ups)")
+    g.add_argument("--profile", action="store_true", help="print the costliest operations of each variant")
+    g.add_argument("--compile", action="store_true", help="run each layer through torch.compile")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the weights and tokens")
+    g.add_argument("--out", default="out", help="folder for bench.json")
+    bench.set_defaults(d_model=256, d_ffn=256)
+
+    assign = sub.add_parser("bench-assign", formatter_class=fmt,
+                            help="time balanced_assignment against scipy's exact solver (needs scipy), one process")
+    assign.add_argument("--assign-tokens", default="1024,4096,16384", help="token counts T")
+    assign.add_argument("--assign-clusters", default="8,16,32", help="cluster counts C")
+    assign.add_argument("--reps", type=int, default=7, help="timed repetitions per case")
+    assign.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the auction runs")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; without a command (or with only flags) it is the demo."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["demo", *argv]
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.d_model is None:
-        args.d_model = 256 if args.bench else 64
-    if args.d_ffn is None:
-        args.d_ffn = 256 if args.bench else 128
-    check_args(args, p)
+    check_args(args, p._subparsers._group_actions[0].choices[args.command])
     return args
 
 
-def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
-    """Reject bad values before any process starts."""
-    world = int(os.environ.get("WORLD_SIZE", args.nproc)) if "RANK" in os.environ else args.nproc
-    if "RANK" not in os.environ and args.nproc < 1:
-        p.error(f"--nproc {args.nproc}: need at least one process")
+def world_and_rpn(args: argparse.Namespace) -> tuple[int, int]:
+    """The number of ranks and ranks per node this launch will have (before any process starts)."""
+    under_torchrun = "RANK" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.nproc
     rpn = args.ranks_per_node
     if rpn is None:
-        rpn = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if "RANK" in os.environ else min(2, world)
+        rpn = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if under_torchrun else min(2, world)
+    return world, rpn
+
+
+def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Reject bad values before any process starts: each message names the flag and the fix."""
+    a = vars(args)
+    for name, value in a.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"--{name.replace('_', '-')} {value}: must be a finite number")
+    for name in ("experts", "d_model", "d_ffn", "layers", "steps", "batch", "warmup", "log_every", "bench_tokens",
+                 "reps", "eval_sentences", "feat_multiple", "languages", "src_words", "train_pairs", "nproc"):
+        if name in a and a[name] < 1:
+            p.error(f"--{name.replace('_', '-')} {a[name]}: must be at least 1")
+    for name in ("seed", "ckpt_every", "eval_every"):
+        if name in a and a[name] < 0:
+            p.error(f"--{name.replace('_', '-')} {a[name]}: must be at least 0")
+    if args.command == "bench-assign":
+        try:
+            sizes = [(int(T), int(C)) for T in args.assign_tokens.split(",") for C in args.assign_clusters.split(",")]
+        except ValueError:
+            p.error(f"--assign-tokens {args.assign_tokens!r} and --assign-clusters {args.assign_clusters!r} "
+                    f"must be comma-separated integers")
+        if any(C < 1 or T < C or T % C for T, C in sizes):
+            p.error("--assign-tokens must be multiples of every --assign-clusters value (and at least as large)")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is visible; use --device cpu")
+        return
+    world, rpn = world_and_rpn(args)
     if rpn < 1 or world % rpn != 0:
         p.error(f"--ranks-per-node {rpn} does not divide the {world} ranks: every node holds the same number of ranks")
-    for name in ("experts_per_rank", "d_model", "d_ffn", "layers", "steps", "batch", "warmup", "log_every",
-                 "bench_tokens", "reps", "eval_sentences", "feat_multiple"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.d_model % 4 != 0:
-        p.error(f"--d-model {args.d_model}: must be divisible by the 4 attention heads")
-    if args.reorder_layers and (args.moe in (None, "dense") or args.layers < 2):
-        p.error("--reorder-layers needs --moe gshard|seq|feat and --layers >= 2")
-    if args.gbps_intra_node <= 0 or args.gbps_inter_node <= 0:
-        p.error("--gbps-intra-node and --gbps-inter-node must be > 0")
-    if args.cluster_assign == "argmax" and not (args.token_cluster and args.cluster_gate == "sigmoid"):
-        p.error("--cluster-assign argmax needs --token-cluster and --cluster-gate sigmoid (with the softmax gate "
-                "only the differentiable sort trains the clustering router)")
-    if args.token_cluster and (args.moe == "dense" or args.layers < 4):
-        p.error("--token-cluster needs --layers >= 4 (the clustering layer and at least one MoE layer after it) "
-                "and --moe gshard|seq|feat")
-    if args.batch * world > 4000:
-        p.error(f"--batch {args.batch} x {world} ranks exceeds the 4000 training pairs")
-    if not 0 <= args.dropout < 1 or args.lr <= 0 or args.aux_weight < 0 or args.ckpt_every < 0:
-        p.error("need 0 <= --dropout < 1, --lr > 0, --aux-weight >= 0, --ckpt-every >= 0")
-    if not 0 <= args.label_smoothing < 1:
-        p.error(f"--label-smoothing {args.label_smoothing}: must lie in [0, 1)")
-    try:
-        sizes = [(int(T), int(C)) for T in args.assign_tokens.split(",") for C in args.assign_clusters.split(",")]
-    except ValueError:
-        p.error(f"--assign-tokens {args.assign_tokens!r} and --assign-clusters {args.assign_clusters!r} "
-                f"must be comma-separated integers")
-    if any(C < 1 or T < C or T % C for T, C in sizes):
-        p.error("--assign-tokens must be multiples of every --assign-clusters value (and at least as large)")
     if args.timeout <= 0:
         p.error(f"--timeout {args.timeout:g}: must be > 0 seconds")
-    if args.moe != "dense":
-        try:
-            cfg = moe_config(args, world)
-            if args.moe in (None, "feat") or args.bench:
+    if args.d_model % 4 != 0:
+        p.error(f"--d-model {args.d_model}: must be divisible by the 4 attention heads")
+    if "gbps_inter_node" in a and (args.gbps_intra_node <= 0 or args.gbps_inter_node <= 0):
+        p.error("--gbps-intra-node and --gbps-inter-node must be > 0")
+    if args.experts % world != 0:
+        p.error(f"--experts {args.experts} is not a multiple of the {world} ranks: every rank holds E / W experts")
+    if "steps" in a:  # a training command
+        if args.batch % world != 0:
+            p.error(f"--batch {args.batch} does not split evenly over {world} ranks: use a multiple of {world}")
+        if args.batch > args.train_pairs:
+            p.error(f"--batch {args.batch} exceeds the {args.train_pairs} training pairs (--train-pairs)")
+        if not 0 <= args.dropout < 1 or args.lr <= 0 or args.aux_weight < 0:
+            p.error(f"need 0 <= --dropout < 1 (got {args.dropout}), --lr > 0 (got {args.lr}), "
+                    f"--aux-weight >= 0 (got {args.aux_weight})")
+        if not 0 <= args.label_smoothing < 1:
+            p.error(f"--label-smoothing {args.label_smoothing}: must lie in [0, 1)")
+        if args.layers < 2:
+            p.error(f"--layers {args.layers}: MoE sits in every other layer; need at least 2")
+    if args.command == "train":
+        if args.reorder_layers and args.moe == "dense":
+            p.error("--reorder-layers needs an MoE variant (--moe gshard|seq|feat|node-limited)")
+        if args.token_cluster and (args.moe == "dense" or args.layers < 4):
+            p.error("--token-cluster needs --layers >= 4 (the clustering layer and at least one MoE layer after "
+                    "it) and an MoE variant")
+    if a.get("cluster_assign") == "argmax" and not (a.get("token_cluster") or args.command != "train") \
+            or a.get("cluster_assign") == "argmax" and args.cluster_gate != "sigmoid":
+        p.error("--cluster-assign argmax needs --token-cluster and --cluster-gate sigmoid (with the softmax gate "
+                "only the differentiable sort trains the clustering router)")
+    try:
+        for variant in variants(args, p):
+            cfg = moe_config(variant.apply(args))
+            if variant.moe == "feat" or args.command == "bench":
                 sc.feat_widths(cfg, world // rpn)
-        except ValueError as e:
-            p.error(str(e))
+    except ValueError as e:
+        p.error(str(e))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible; use --device cpu")
     if args.backend == "nccl" and args.device != "cuda" and not ("RANK" in os.environ and torch.cuda.is_available()):
@@ -1166,18 +1412,70 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         p.error("--device cuda with several processes: launch with torchrun (spawned processes run on the CPU)")
 
 
-def variants(args: argparse.Namespace) -> list[Variant]:
-    if args.moe is None:  # the classroom demo
-        return [Variant("gshard"), Variant("seq"), Variant("feat"), Variant("seq", token_cluster=True)]
-    return [Variant(args.moe, args.token_cluster, args.cluster_gate, args.reorder_layers, args.cluster_assign)]
+def parse_points(text: str, p: argparse.ArgumentParser) -> list[tuple[float, float]]:
+    try:
+        points = [tuple(float(v) for v in pair.split(":")) for pair in text.split(",")]
+    except ValueError:
+        p.error(f"--points {text!r}: write ratio1:ratio2 pairs, e.g. 0.25:0.5,0.5:0.375")
+    if any(len(pt) != 2 for pt in points):
+        p.error(f"--points {text!r}: write ratio1:ratio2 pairs, e.g. 0.25:0.5,0.5:0.375")
+    return points
+
+
+def variants(args: argparse.Namespace, p: Optional[argparse.ArgumentParser] = None) -> list[Variant]:
+    """The variants a command trains (the demo's and the sweep's at their locality points)."""
+    if args.command == "train":
+        return [Variant(args.moe, args.token_cluster, args.cluster_gate, args.reorder_layers, args.cluster_assign)]
+    if args.command == "demo":
+        return [Variant("gshard"), Variant("node-limited"), Variant("seq"), Variant("feat"),
+                Variant("seq", token_cluster=True)]
+    if args.command == "sweep":
+        p = p or argparse.ArgumentParser()
+        names = args.variants.split(",")
+        if bad := [n for n in names if n not in SWEEP_VARIANTS]:
+            p.error(f"--variants: unknown {', '.join(bad)}; choose from {','.join(SWEEP_VARIANTS)}")
+        out = []
+        for name in names:
+            moe, cluster = name.split("+")[0], name.endswith("+cluster")
+            if moe in ("seq", "feat"):
+                out += [Variant(moe, cluster, point=pt) for pt in parse_points(args.points, p)]
+            else:
+                out.append(Variant(moe))
+        return out
+    return [Variant(args.moe)] if args.command == "trace" else [Variant(k) for k in ("gshard", "seq", "feat")]
+
+
+def sweep_seeds(args: argparse.Namespace) -> list[int]:
+    return [int(v) for v in args.seeds.split(",")]
+
+
+def run_file(args: argparse.Namespace, variant: Variant, seed: int) -> str:
+    return os.path.join(args.out, "runs", f"{variant.name}_seed{seed}.json")
 
 
 def run(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> None:
-    if args.trace:
+    if args.command == "trace":
         return trace(args, topo, device)
-    if args.bench:
+    if args.command == "bench":
         return bench(args, topo, device)
-    task = make_task(TaskConfig(seed=args.seed))
+    if args.command == "sweep":  # every rank sees the same finished runs: none is written before the barrier
+        todo = [(v, seed) for seed in sweep_seeds(args) for v in variants(args)
+                if not os.path.exists(run_file(args, v, seed))]
+        if dist.is_initialized():
+            dist.barrier()
+        for variant, seed in todo:
+            run_args = argparse.Namespace(**{**vars(args), "seed": seed,
+                                             "out": os.path.join(args.out, "ckpt", f"seed{seed}")})
+            result = train_variant(run_args, variant, make_task(task_config(run_args)), topo, device)
+            if topo.rank == 0:
+                os.makedirs(os.path.dirname(run_file(args, variant, seed)), exist_ok=True)
+                with open(run_file(args, variant, seed) + ".tmp", "w") as f:
+                    json.dump(result, f, indent=1)
+                os.replace(run_file(args, variant, seed) + ".tmp", run_file(args, variant, seed))
+        if topo.rank == 0:
+            sweep_report(args)
+        return
+    task = make_task(task_config(args))
     results = []
     for variant in variants(args):
         result = train_variant(args, variant, task, topo, device)
@@ -1187,7 +1485,11 @@ def run(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> No
                    f"teacher-forced valid loss {result['valid_loss']:.3f} and token accuracy "
                    f"{result['valid_accuracy']:.3f}; e.g. {result['example']['hyp']!r} for {result['example']['ref']!r}")
     if topo.rank == 0:
-        report(results, args.out)
+        report(results, args, topo)
+
+
+def task_config(args: argparse.Namespace) -> TaskConfig:
+    return TaskConfig(seed=args.seed, languages=args.languages, src_words=args.src_words, train=args.train_pairs)
 
 
 def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Optional[int]) -> tuple[sc.Topology, torch.device]:
@@ -1217,6 +1519,14 @@ def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Opti
     return sc.build_topology(rpn), device
 
 
+def inject_fault(args: argparse.Namespace, step: int, topo: sc.Topology) -> None:
+    """`train --fail-at-step S`, for testing restarts: rank 1 exits at step S on torchrun's first attempt."""
+    if args.fail_at_step == step and topo.rank == min(1, topo.world_size - 1) \
+            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+        print(f"rank {topo.rank}: exiting at step {step} (--fail-at-step)", flush=True)
+        os._exit(1)
+
+
 def _worker(rank: int, args: argparse.Namespace, world: int, port: Optional[int]) -> None:
     topo, device = init_distributed(args, rank, world, port)
     try:
@@ -1240,8 +1550,10 @@ def launch(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    arguments = parse_args(sys.argv[1:])
-    if arguments.bench_assign:
+    arguments = parse_args()
+    if arguments.command == "bench-assign":
         bench_assign(arguments)
+    elif arguments.command == "sweep" and arguments.report_only:
+        sweep_report(arguments)
     else:
         launch(arguments)
