@@ -317,7 +317,7 @@ def expert_capacity(tokens: int, experts: int, k: int, capacity_factor: float) -
 
 def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None, *,
                 second_expert: str = "argmax", normalize_before_drop: bool = False,
-                generator: Optional[torch.Generator] = None) -> Routing:
+                generator: Optional[torch.Generator] = None, batch_prioritized: bool = False) -> Routing:
     """GShard's top-2 gating (Algorithm 2), as fairseq's top2gate does it.
 
     logits: (t, e) router scores; pad_mask: (t,) True for padding tokens, which
@@ -327,6 +327,10 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
     with Gumbel noise on the logits (fairseq's "sampling" policy).
     normalize_before_drop: GShard's paper scales g1, g2 to sum 1 before the
     capacity check; fairseq (default here) renormalises the kept weights after.
+    batch_prioritized: fairseq's batch-prioritized routing: within each choice, tokens
+    take slots in descending order of their first-choice gate value (ties: token
+    order) instead of token order; first choices still come before second choices,
+    and the second choices are ordered by the first-choice gate value too.
     """
     t, e = logits.shape
     k = min(2, e)
@@ -344,14 +348,20 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
     else:
         expert = first[:, None]  # (t, 1)
 
-    # Slots: every token's first choice is placed (in token order) before any token's
-    # second choice. In that choice-major order, an assignment's slot is the number of
-    # earlier assignments to its expert: a stable sort by expert gives it.
-    key = expert.t().reshape(-1).masked_fill(~real.repeat(k), e)  # (k*t,): padding sorts after every expert
+    # Slots: every token's first choice is placed (in token order, or by priority) before
+    # any token's second choice. In that choice-major order, an assignment's slot is the
+    # number of earlier assignments to its expert: a stable sort by expert gives it.
+    if batch_prioritized:  # tokens by descending first-choice gate value, ties in token order
+        prio = gates.gather(1, first[:, None]).squeeze(1).sort(descending=True, stable=True).indices  # (t,)
+        key = expert[prio].t().reshape(-1).masked_fill(~real[prio].repeat(k), e)  # (k*t,)
+    else:
+        key = expert.t().reshape(-1).masked_fill(~real.repeat(k), e)  # (k*t,): padding sorts after every expert
     order = key.sort(stable=True).indices  # (k*t,)
     count = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
     start = count.cumsum(0) - count  # (e+1,): where each expert's run begins in `order`
     slot = (inverse_permutation(order) - start[key]).view(k, t).t()  # (t, k): rank in the sort - run start
+    if batch_prioritized:
+        slot = slot.index_select(0, inverse_permutation(prio))  # rows back from priority order to token order
     kept = real[:, None] & (slot < capacity)  # (t, k)
     place = (expert * capacity + slot).masked_fill(~kept, -1)  # (t, k)
     # the inverse map: which assignment (token * k + choice) each of the e * c slots holds
@@ -493,7 +503,8 @@ def send_to_experts(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], capac
     """
     d, g = x.shape[1], group.size
     routing = top2_gating(logits, capacity, pad_mask, second_expert=cfg.second_expert,
-                          normalize_before_drop=cfg.normalize_before_drop)
+                          normalize_before_drop=cfg.normalize_before_drop,
+                          batch_prioritized=cfg.batch_prioritized_routing)
     c = routing.capacity
     send = dispatch(x, routing, g * n)  # (g*n, c, d): member-major, as the experts live
     recv = all_to_all(send.view(g * n * c, d), group, ledger=ledger, tag=tag)  # (g*n*c, d): member j's (n, c, d)
@@ -758,6 +769,11 @@ class MoEConfig:
     normalize_before_drop: bool = False  # True: GShard's paper; False: fairseq (kept weights renormalised)
     activation: str = "relu"  # expert FFN activation: "relu" or "gelu"
     feat_multiple: int = 8  # Feat slice widths are rounded down to a multiple of this (aligned GEMMs); 1: exact
+    # fairseq's batch_prioritized_routing (the authors train with it): within each choice, tokens take
+    # expert slots in descending order of their first-choice gate value (ties: token order) instead of
+    # token order; all first choices still come before all second choices, and the second choices are
+    # ordered by the first-choice gate value as well (not by their own), as fairseq's top2gating does
+    batch_prioritized_routing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ffn", "num_experts", "feat_multiple"):
@@ -779,6 +795,9 @@ class MoEConfig:
             raise ValueError(f"second_expert={self.second_expert!r} must be 'argmax' or 'sampling'")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation={self.activation!r} must be 'relu' or 'gelu'")
+        for name in ("batch_prioritized_routing",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
 
 
 def make_moe_layer(kind: str, cfg: MoEConfig, topology: Topology) -> nn.Module:

@@ -163,20 +163,24 @@ def load_layer(layer: torch.nn.Module, case: Case, rank: int, n: int) -> None:
                 getattr(experts, p).copy_(case.experts[name][p][rank * n:(rank + 1) * n])
 
 
-def naive_top2(logits: torch.Tensor, capacity: int, pad: torch.Tensor, normalize_before_drop: bool = False):
+def naive_top2(logits: torch.Tensor, capacity: int, pad: torch.Tensor, normalize_before_drop: bool = False,
+               batch_prioritized: bool = False):
     """GShard Algorithm 2, written token by token: (experts, kept, weights, aux) per token.
 
     Every token's first choice is served before any second choice, in token
     order, while the expert has room; weights are the kept gate values scaled
     to sum 1 (or scaled before dropping when normalize_before_drop).
+    batch_prioritized (fairseq's batch-prioritized routing): both passes visit the
+    tokens by descending first-choice gate value (ties: earlier token) instead.
     """
     t, e = logits.shape
     k = min(2, e)
     gates = logits.softmax(dim=-1)
     picks = [sorted(range(e), key=lambda j: (-gates[i, j].item(), j))[:k] for i in range(t)]
+    visit = sorted(range(t), key=lambda i: (-gates[i, picks[i][0]].item(), i)) if batch_prioritized else range(t)
     fill, kept = [0] * e, [[False] * k for _ in range(t)]
     for choice in range(k):
-        for i in range(t):
+        for i in visit:
             if not pad[i] and fill[picks[i][choice]] < capacity:
                 kept[i][choice] = True
                 fill[picks[i][choice]] += 1
@@ -205,9 +209,9 @@ def ffn(p: dict, expert: int, x: torch.Tensor) -> torch.Tensor:
     return torch.relu(x @ p["w1"][expert] + p["b1"][expert, 0]) @ p["w2"][expert] + p["b2"][expert, 0]
 
 
-def naive_moe(x, logits, pad, capacity, p, first_expert, normalize_before_drop=False):
+def naive_moe(x, logits, pad, capacity, p, first_expert, normalize_before_drop=False, batch_prioritized=False):
     """Each token's output is the weighted sum of the experts that kept it: (t, d), aux."""
-    picks, kept, weights, aux = naive_top2(logits, capacity, pad, normalize_before_drop)
+    picks, kept, weights, aux = naive_top2(logits, capacity, pad, normalize_before_drop, batch_prioritized)
     rows = []
     for i in range(x.shape[0]):
         y = x.new_zeros(p["w2"].shape[-1])
@@ -252,6 +256,7 @@ def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, exp
     n = E // world
     real = [int((~pad).sum()) for pad in pads]  # real tokens of every rank
     cf = cfg.capacity_factor
+    bpr = cfg.batch_prioritized_routing
     ys, auxes = [], []
     for r in range(world):
         x, pad = xs[r], pads[r]
@@ -260,7 +265,7 @@ def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, exp
         ranges = {tier: (min(g) * n, (max(g) + 1) * n) for tier, g in groups.items()}
         if kind == "gshard":
             y, aux = naive_moe(x, logits, pad, ref_capacity(max(real), E, cf), experts["all"], 0,
-                               cfg.normalize_before_drop) if max(real) else (x.new_zeros(x.shape), None)
+                               cfg.normalize_before_drop, bpr) if max(real) else (x.new_zeros(x.shape), None)
             auxes.append(aux)
         elif kind == "seq":
             split = [ref_split(c, cfg.ratio1, cfg.ratio2, N) for c in real]
@@ -280,7 +285,7 @@ def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, exp
                 first, last = ranges[tier]
                 y_tier, aux = naive_moe(x[idx], logits[idx, first:last], pad[idx],
                                         ref_capacity(largest, last - first, cf), experts["all"], first,
-                                        cfg.normalize_before_drop)
+                                        cfg.normalize_before_drop, bpr)
                 y = y.index_add(0, torch.tensor(idx), y_tier)
                 if split[r][i] > 0:  # the aux loss averages the tiers that hold real tokens
                     tier_aux.append(aux)
@@ -298,7 +303,7 @@ def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, exp
                 else:
                     y_tier, aux = naive_moe(x[:, start:start + w], logits[:, first:last], pad,
                                             ref_capacity(largest, last - first, cf), experts[tier], first,
-                                            cfg.normalize_before_drop)
+                                            cfg.normalize_before_drop, bpr)
                     outs.append(y_tier)
                     tier_aux.append(aux)
                 start += w
@@ -604,6 +609,53 @@ def test_gating_with_no_tokens():
     assert x.grad.shape == (0, 5)
 
 
+@pytest.mark.parametrize("capacity", [1, 2, 3, 100])
+@pytest.mark.parametrize("experts", [1, 2, 5])
+def test_batch_prioritized_gating_is_the_reference(capacity, experts):
+    """With batch_prioritized, top2_gating keeps the same assignments, weights and aux loss as the token-by-token
+    reference that serves first choices, then second choices, each by descending first-choice gate value."""
+    torch.manual_seed(capacity + 10 * experts + 1)
+    t = 13
+    logits = torch.randn(t, experts, dtype=torch.float64)
+    pad = torch.rand(t) < 0.25
+    routing = sc.top2_gating(logits, capacity, pad, batch_prioritized=True)
+    picks, kept, weights, aux = naive_top2(logits, capacity, pad, batch_prioritized=True)
+    assert routing.expert.tolist() == picks
+    assert routing.kept.tolist() == kept
+    for i in range(t):
+        for c in range(min(2, experts)):
+            expect = weights[i][c] if kept[i][c] else 0.0
+            assert_close(routing.weight[i, c], torch.as_tensor(expect, dtype=torch.float64))
+    assert_close(routing.aux_loss, aux)
+    for e in range(experts):  # each expert's kept assignments occupy slots 0 .. load-1, once each
+        slots = sorted(routing.slot[routing.kept & (routing.expert == e)].tolist())
+        assert slots == list(range(len(slots))) and len(slots) <= capacity
+
+
+def test_batch_prioritized_orders_second_choices_by_the_first_gate():
+    """As fairseq: first choices go first, by descending first gate; the second choices are ordered by the
+    first-choice gate as well, not by their own gate and not by token order. One slot per expert:
+    token 2 (first gate 0.8) takes expert 0 from token 0 (0.4); for expert 2's slot, token 1's second choice
+    (first gate 0.6, own 0.3) beats token 0's (first gate 0.4, own 0.35), which token order and the own
+    second gate would both have kept."""
+    gates = torch.tensor([[0.40, 0.25, 0.35], [0.10, 0.60, 0.30], [0.80, 0.15, 0.05]], dtype=torch.float64)
+    logits = gates.log()
+    by_token = sc.top2_gating(logits, 1)
+    by_gate = sc.top2_gating(logits, 1, batch_prioritized=True)
+    assert by_token.expert.tolist() == by_gate.expert.tolist() == [[0, 2], [1, 2], [0, 1]]
+    assert by_token.kept.tolist() == [[True, True], [True, False], [False, False]]
+    assert by_gate.kept.tolist() == [[False, False], [True, True], [True, False]]
+    assert_close(by_gate.weight[1], torch.tensor([0.6, 0.3], dtype=torch.float64) / 0.9)
+
+
+def test_authors_option_errors():
+    """A non-boolean flag is a ValueError that names the value."""
+    base = dict(d_model=8, d_ffn=8, num_experts=4)
+    for kwargs, match in [(dict(batch_prioritized_routing=1), "batch_prioritized_routing=1")]:
+        with pytest.raises(ValueError, match=match):
+            sc.MoEConfig(**base, **kwargs)
+
+
 # ----------------------------------------------------------------------------
 # 4-6. The layers against the single-process reference
 
@@ -732,6 +784,24 @@ def test_feat_with_the_whole_width_global_is_gshard(workers):
     """On 2 nodes, SCoMoE-Feat with alpha = beta = 0 (the whole width in the global slice) equals GShard
     with the same weights, bit for bit."""
     workers.run(_feat_global_vs_gshard, 2)
+
+
+# The authors' options: batch-prioritized routing, an eval capacity, a local tier without capacity
+
+AUTHORS = {
+    "gshard": dict(GSHARD, capacity_factor=0.5),
+    "seq": dict(d_model=6, d_ffn=10, num_experts=8, ratio1=0.5, ratio2=0.3, capacity_factor=0.5),
+    "feat": dict(d_model=8, d_ffn=10, num_experts=8, ratio1=0.25, ratio2=0.5, capacity_factor=0.5, feat_multiple=1),
+}
+
+
+@pytest.mark.parametrize("kind", ["gshard", "seq", "feat"])
+def test_batch_prioritized_layers_match_reference(workers, kind):
+    """With batch-prioritized routing and capacity binding, every layer equals the reference whose gate serves
+    tokens by descending first-choice gate value: outputs, aux loss and every gradient."""
+    results = workers.run(check_against_reference, kind, 2, AUTHORS[kind] | dict(batch_prioritized_routing=True),
+                          COUNTS, 21)
+    assert max(max(dropped.values()) for _, dropped in results) > 0
 
 
 # ----------------------------------------------------------------------------
