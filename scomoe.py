@@ -543,8 +543,18 @@ def _expert_range(topology: Topology, n: int, tier: str) -> tuple[int, int]:
     return members[0] * n, (members[-1] + 1) * n
 
 
-def _tier_capacity(largest: int, first: int, last: int, cfg: "MoEConfig") -> int:
-    """Slots per expert of a gate over experts [first, last), from the group's largest token count."""
+def _tier_capacity(largest: int, first: int, last: int, cfg: "MoEConfig", training: bool = True,
+                   tier: str = "global") -> int:
+    """Slots per expert of a gate over experts [first, last), from the group's largest token count.
+
+    The local tier with cfg.local_no_capacity gets `largest` slots (an expert takes at most one
+    slot per token, so none is dropped); in eval mode with cfg.eval_capacity_token_fraction set,
+    ceil(fraction * largest); otherwise ceil(capacity_factor * k * largest / experts).
+    """
+    if tier == "local" and cfg.local_no_capacity:
+        return largest
+    if not training and cfg.eval_capacity_token_fraction is not None:
+        return _ceil(cfg.eval_capacity_token_fraction * largest)
     return expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
 
 
@@ -574,7 +584,7 @@ class GShardMoE(nn.Module):
         counts = self.topology.gather_counts(_real_tokens(x.shape[0], pad_mask))  # real tokens of every rank
         if max(counts) == 0:
             return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
-        capacity = _tier_capacity(max(counts), 0, self.cfg.num_experts, self.cfg)
+        capacity = _tier_capacity(max(counts), 0, self.cfg.num_experts, self.cfg, self.training)
         logits = self.router(x)  # (t, E)
         y, routing = moe_tier(x, logits, pad_mask, capacity, self.topology.world, self.experts,
                               self.cfg, self.ledger, "global")
@@ -666,8 +676,8 @@ class SCoMoESeq(nn.Module):
             idx = tokens[i]  # (t_tier,)
             routing, h = send_to_experts(x.index_select(0, idx), logits.index_select(0, idx)[:, first:last],
                                          None if pad_mask is None else pad_mask[idx],
-                                         _tier_capacity(largest, first, last, cfg), group, self.n, cfg,
-                                         self.ledger, tier)
+                                         _tier_capacity(largest, first, last, cfg, self.training, tier),
+                                         group, self.n, cfg, self.ledger, tier)
             routed.append((tier, idx, routing, h))
         if not routed:  # no real token on any rank
             return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
@@ -739,7 +749,8 @@ class SCoMoEFeat(nn.Module):
                 outputs.append(x_slice.new_zeros(x_slice.shape))
                 continue
             first, last = _expert_range(topo, self.n, tier)
-            y, routing = moe_tier(x_slice, logits[:, first:last], pad_mask, _tier_capacity(largest, first, last, cfg),
+            capacity = _tier_capacity(largest, first, last, cfg, self.training, tier)
+            y, routing = moe_tier(x_slice, logits[:, first:last], pad_mask, capacity,
                                   group, self.experts[tier], cfg, self.ledger, tier)
             outputs.append(y)
             tiers[tier] = TierRouting(None, first, routing)
@@ -774,6 +785,14 @@ class MoEConfig:
     # token order; all first choices still come before all second choices, and the second choices are
     # ordered by the first-choice gate value as well (not by their own), as fairseq's top2gating does
     batch_prioritized_routing: bool = False
+    # fairseq's moe_eval_capacity_token_fraction (the authors evaluate with 0.5): a layer in eval mode
+    # gives every expert ceil(fraction * tokens) slots, tokens being the group's largest real-token
+    # count of the tier, whatever the number of experts, k or capacity_factor; None: the training formula
+    eval_capacity_token_fraction: Optional[float] = None
+    # the authors' local tier (Seq's local tokens, Feat's local slice) never drops a token: its experts
+    # get as many slots as the rank has real tokens in the tier, the smallest capacity that cannot bind
+    # (an expert takes at most one slot per token); it overrides both capacity formulas for that tier
+    local_no_capacity: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ffn", "num_experts", "feat_multiple"):
@@ -795,9 +814,16 @@ class MoEConfig:
             raise ValueError(f"second_expert={self.second_expert!r} must be 'argmax' or 'sampling'")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation={self.activation!r} must be 'relu' or 'gelu'")
-        for name in ("batch_prioritized_routing",):
+        for name in ("batch_prioritized_routing", "local_no_capacity"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        fraction = self.eval_capacity_token_fraction
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0 < fraction <= 1):
+            raise ValueError(
+                f"eval_capacity_token_fraction={fraction!r} must lie in (0, 1] (a share of the tokens), "
+                f"or be None for the training capacity formula at eval time"
+            )
 
 
 def make_moe_layer(kind: str, cfg: MoEConfig, topology: Topology) -> nn.Module:
