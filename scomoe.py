@@ -330,22 +330,27 @@ def expert_capacity(tokens: int, experts: int, k: int, capacity_factor: float) -
     return _ceil(capacity_factor * k * tokens / experts)
 
 
-def assign_slots(expert: Tensor, real: Tensor, e: int, capacity: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def assign_slots(expert: Tensor, real: Tensor, e: int, capacity: int,
+                 priority: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Buffer slots for the assignments expert (t, k) of the real tokens (t,) bool, `capacity` per expert.
 
-    Every token's first choice is placed (in token order) before any token's second
-    choice. In that choice-major order, an assignment's slot is the number of earlier
-    assignments to its expert: a stable sort by expert gives it. Returns slot (t, k),
-    kept (t, k), place (t, k): row expert * c + slot, -1 where not kept, and source
-    (e * c,): the assignment token * k + choice each slot holds, -1 if empty.
+    Every token's first choice is placed (in token order, or in the order `priority`
+    (t,) lists the tokens) before any token's second choice. In that choice-major
+    order, an assignment's slot is the number of earlier assignments to its expert: a
+    stable sort by expert gives it. Returns slot (t, k), kept (t, k), place (t, k):
+    row expert * c + slot, -1 where not kept, and source (e * c,): the assignment
+    token * k + choice each slot holds, -1 if empty.
     """
     t, k = expert.shape
     device = expert.device
-    key = expert.t().reshape(-1).masked_fill(~real.repeat(k), e)  # (k*t,): padding sorts after every expert
+    ranked, ranked_real = (expert, real) if priority is None else (expert[priority], real[priority])
+    key = ranked.t().reshape(-1).masked_fill(~ranked_real.repeat(k), e)  # (k*t,): padding after every expert
     order = key.sort(stable=True).indices  # (k*t,)
     count = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
     start = count.cumsum(0) - count  # (e+1,): where each expert's run begins in `order`
     slot = (inverse_permutation(order) - start[key]).view(k, t).t()  # (t, k): rank in the sort - run start
+    if priority is not None:
+        slot = slot.index_select(0, inverse_permutation(priority))  # rows back to token order
     kept = real[:, None] & (slot < capacity)  # (t, k)
     place = (expert * capacity + slot).masked_fill(~kept, -1)  # (t, k)
     spare = torch.where(place < 0, e * capacity, place)  # (t, k): the dropped all write one spare row
@@ -356,7 +361,7 @@ def assign_slots(expert: Tensor, real: Tensor, e: int, capacity: int) -> tuple[T
 
 def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None, *,
                 second_expert: str = "argmax", normalize_before_drop: bool = False,
-                generator: Optional[torch.Generator] = None) -> Routing:
+                generator: Optional[torch.Generator] = None, batch_prioritized: bool = False) -> Routing:
     """GShard's top-2 gating (Algorithm 2), as fairseq's top2gate does it.
 
     logits: (t, e) router scores; pad_mask: (t,) True for padding tokens, which
@@ -366,6 +371,10 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
     with Gumbel noise on the logits (fairseq's "sampling" policy).
     normalize_before_drop: GShard's paper scales g1, g2 to sum 1 before the
     capacity check; fairseq (default here) renormalises the kept weights after.
+    batch_prioritized: fairseq's batch-prioritized routing: within each choice, tokens
+    take slots in descending order of their first-choice gate value (ties: token
+    order) instead of token order; first choices still come before second choices,
+    and the second choices are ordered by the first-choice gate value too.
     """
     t, e = logits.shape
     k = min(2, e)
@@ -383,7 +392,10 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
     else:
         expert = first[:, None]  # (t, 1)
 
-    slot, kept, place, source = assign_slots(expert, real, e, capacity)
+    # batch-prioritized: tokens take slots by descending first-choice gate value, ties in token order
+    priority = gates.gather(1, first[:, None]).squeeze(1).sort(descending=True, stable=True).indices \
+        if batch_prioritized else None  # (t,)
+    slot, kept, place, source = assign_slots(expert, real, e, capacity, priority)
 
     gate = gates.gather(1, expert)  # (t, k)   g_1, g_2
     if normalize_before_drop:
@@ -519,7 +531,8 @@ def send_to_experts(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], capac
     """
     d, g = x.shape[1], group.size
     routing = top2_gating(logits, capacity, pad_mask, second_expert=cfg.second_expert,
-                          normalize_before_drop=cfg.normalize_before_drop)
+                          normalize_before_drop=cfg.normalize_before_drop,
+                          batch_prioritized=cfg.batch_prioritized_routing)
     c = routing.capacity
     send = dispatch(x, routing, g * n)  # (g*n, c, d): member-major, as the experts live
     recv = all_to_all(send.view(g * n * c, d), group, ledger=ledger, tag=tag)  # (g*n*c, d): member j's (n, c, d)
@@ -558,8 +571,18 @@ def _expert_range(topology: Topology, n: int, tier: str) -> tuple[int, int]:
     return members[0] * n, (members[-1] + 1) * n
 
 
-def _tier_capacity(largest: int, first: int, last: int, cfg: "MoEConfig") -> int:
-    """Slots per expert of a gate over experts [first, last), from the group's largest token count."""
+def _tier_capacity(largest: int, first: int, last: int, cfg: "MoEConfig", training: bool = True,
+                   tier: str = "global") -> int:
+    """Slots per expert of a gate over experts [first, last), from the group's largest token count.
+
+    The local tier with cfg.local_no_capacity gets `largest` slots (an expert takes at most one
+    slot per token, so none is dropped); in eval mode with cfg.eval_capacity_token_fraction set,
+    ceil(fraction * largest); otherwise ceil(capacity_factor * k * largest / experts).
+    """
+    if tier == "local" and cfg.local_no_capacity:
+        return largest
+    if not training and cfg.eval_capacity_token_fraction is not None:
+        return _ceil(cfg.eval_capacity_token_fraction * largest)
     return expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
 
 
@@ -589,7 +612,7 @@ class GShardMoE(nn.Module):
         counts = self.topology.gather_counts(_real_tokens(x.shape[0], pad_mask))  # real tokens of every rank
         if max(counts) == 0:
             return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
-        capacity = _tier_capacity(max(counts), 0, self.cfg.num_experts, self.cfg)
+        capacity = _tier_capacity(max(counts), 0, self.cfg.num_experts, self.cfg, self.training)
         logits = self.router(x)  # (t, E)
         y, routing = moe_tier(x, logits, pad_mask, capacity, self.topology.world, self.experts,
                               self.cfg, self.ledger, "global")
@@ -681,8 +704,8 @@ class SCoMoESeq(nn.Module):
             idx = tokens[i]  # (t_tier,)
             routing, h = send_to_experts(x.index_select(0, idx), logits.index_select(0, idx)[:, first:last],
                                          None if pad_mask is None else pad_mask[idx],
-                                         _tier_capacity(largest, first, last, cfg), group, self.n, cfg,
-                                         self.ledger, tier)
+                                         _tier_capacity(largest, first, last, cfg, self.training, tier),
+                                         group, self.n, cfg, self.ledger, tier)
             routed.append((tier, idx, routing, h))
         if not routed:  # no real token on any rank
             return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
@@ -754,7 +777,8 @@ class SCoMoEFeat(nn.Module):
                 outputs.append(x_slice.new_zeros(x_slice.shape))
                 continue
             first, last = _expert_range(topo, self.n, tier)
-            y, routing = moe_tier(x_slice, logits[:, first:last], pad_mask, _tier_capacity(largest, first, last, cfg),
+            capacity = _tier_capacity(largest, first, last, cfg, self.training, tier)
+            y, routing = moe_tier(x_slice, logits[:, first:last], pad_mask, capacity,
                                   group, self.experts[tier], cfg, self.ledger, tier)
             outputs.append(y)
             tiers[tier] = TierRouting(None, first, routing)
@@ -867,6 +891,19 @@ class MoEConfig:
     normalize_before_drop: bool = False  # True: GShard's paper; False: fairseq (kept weights renormalised)
     activation: str = "relu"  # expert FFN activation: "relu" or "gelu"
     feat_multiple: int = 8  # Feat slice widths are rounded down to a multiple of this (aligned GEMMs); 1: exact
+    # fairseq's batch_prioritized_routing (the authors train with it): within each choice, tokens take
+    # expert slots in descending order of their first-choice gate value (ties: token order) instead of
+    # token order; all first choices still come before all second choices, and the second choices are
+    # ordered by the first-choice gate value as well (not by their own), as fairseq's top2gating does
+    batch_prioritized_routing: bool = False
+    # fairseq's moe_eval_capacity_token_fraction (the authors evaluate with 0.5): a layer in eval mode
+    # gives every expert ceil(fraction * tokens) slots, tokens being the group's largest real-token
+    # count of the tier, whatever the number of experts, k or capacity_factor; None: the training formula
+    eval_capacity_token_fraction: Optional[float] = None
+    # the authors' local tier (Seq's local tokens, Feat's local slice) never drops a token: its experts
+    # get as many slots as the rank has real tokens in the tier, the smallest capacity that cannot bind
+    # (an expert takes at most one slot per token); it overrides both capacity formulas for that tier
+    local_no_capacity: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ffn", "num_experts", "feat_multiple"):
@@ -888,6 +925,16 @@ class MoEConfig:
             raise ValueError(f"second_expert={self.second_expert!r} must be 'argmax' or 'sampling'")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"activation={self.activation!r} must be 'relu' or 'gelu'")
+        for name in ("batch_prioritized_routing", "local_no_capacity"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        fraction = self.eval_capacity_token_fraction
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0 < fraction <= 1):
+            raise ValueError(
+                f"eval_capacity_token_fraction={fraction!r} must lie in (0, 1] (a share of the tokens), "
+                f"or be None for the training capacity formula at eval time"
+            )
 
 
 def make_moe_layer(kind: str, cfg: MoEConfig, topology: Topology) -> nn.Module:

@@ -163,20 +163,25 @@ def load_layer(layer: torch.nn.Module, case: Case, rank: int, n: int) -> None:
                 getattr(experts, p).copy_(case.experts[name][p][rank * n:(rank + 1) * n])
 
 
-def naive_top2(logits: torch.Tensor, capacity: int, pad: torch.Tensor, normalize_before_drop: bool = False):
+def naive_top2(logits: torch.Tensor, capacity: float, pad: torch.Tensor, normalize_before_drop: bool = False,
+               batch_prioritized: bool = False):
     """GShard Algorithm 2, written token by token: (experts, kept, weights, aux) per token.
 
     Every token's first choice is served before any second choice, in token
     order, while the expert has room; weights are the kept gate values scaled
     to sum 1 (or scaled before dropping when normalize_before_drop).
+    batch_prioritized (fairseq's batch-prioritized routing): both passes visit the
+    tokens by descending first-choice gate value (ties: earlier token) instead.
+    capacity may be math.inf: no expert ever runs out of room.
     """
     t, e = logits.shape
     k = min(2, e)
     gates = logits.softmax(dim=-1)
     picks = [sorted(range(e), key=lambda j: (-gates[i, j].item(), j))[:k] for i in range(t)]
+    visit = sorted(range(t), key=lambda i: (-gates[i, picks[i][0]].item(), i)) if batch_prioritized else range(t)
     fill, kept = [0] * e, [[False] * k for _ in range(t)]
     for choice in range(k):
-        for i in range(t):
+        for i in visit:
             if not pad[i] and fill[picks[i][choice]] < capacity:
                 kept[i][choice] = True
                 fill[picks[i][choice]] += 1
@@ -205,9 +210,9 @@ def ffn(p: dict, expert: int, x: torch.Tensor) -> torch.Tensor:
     return torch.relu(x @ p["w1"][expert] + p["b1"][expert, 0]) @ p["w2"][expert] + p["b2"][expert, 0]
 
 
-def naive_moe(x, logits, pad, capacity, p, first_expert, normalize_before_drop=False):
+def naive_moe(x, logits, pad, capacity, p, first_expert, normalize_before_drop=False, batch_prioritized=False):
     """Each token's output is the weighted sum of the experts that kept it: (t, d), aux."""
-    picks, kept, weights, aux = naive_top2(logits, capacity, pad, normalize_before_drop)
+    picks, kept, weights, aux = naive_top2(logits, capacity, pad, normalize_before_drop, batch_prioritized)
     rows = []
     for i in range(x.shape[0]):
         y = x.new_zeros(p["w2"].shape[-1])
@@ -249,15 +254,25 @@ def ref_capacity_k(tokens: int, experts: int, k: int, capacity_factor: float) ->
 
 
 def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, experts: dict, cfg: sc.MoEConfig,
-                      world: int, ranks_per_node: int) -> tuple[list, list]:
+                      world: int, ranks_per_node: int, training: bool = True) -> tuple[list, list]:
     """Emulate every rank of a `kind` layer in one process, with all experts held here: (ys, auxes) per rank.
 
-    Capacities come from the real (non-padding) token counts of the group's ranks."""
+    Capacities come from the real (non-padding) token counts of the group's ranks; `training` False is a
+    layer in eval mode."""
     G, N = ranks_per_node, world // ranks_per_node
     E = cfg.num_experts
     n = E // world
     real = [int((~pad).sum()) for pad in pads]  # real tokens of every rank
     cf = cfg.capacity_factor
+    bpr = cfg.batch_prioritized_routing
+
+    def capacity(tier: str, largest: int, experts: int) -> float:
+        if tier == "local" and cfg.local_no_capacity:
+            return math.inf  # the local tier never drops a token
+        if not training and cfg.eval_capacity_token_fraction is not None:  # eval: a share of the tokens
+            from fractions import Fraction
+            return math.ceil(Fraction(str(cfg.eval_capacity_token_fraction)) * largest)
+        return ref_capacity(largest, experts, cf)
     ys, auxes = [], []
     for r in range(world):
         x, pad = xs[r], pads[r]
@@ -265,8 +280,8 @@ def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, exp
         groups = {"local": [r], "node": range((r // G) * G, (r // G + 1) * G), "global": range(world)}
         ranges = {tier: (min(g) * n, (max(g) + 1) * n) for tier, g in groups.items()}
         if kind == "gshard":
-            y, aux = naive_moe(x, logits, pad, ref_capacity(max(real), E, cf), experts["all"], 0,
-                               cfg.normalize_before_drop) if max(real) else (x.new_zeros(x.shape), None)
+            y, aux = naive_moe(x, logits, pad, capacity("global", max(real), E), experts["all"], 0,
+                               cfg.normalize_before_drop, bpr) if max(real) else (x.new_zeros(x.shape), None)
             auxes.append(aux)
         elif kind == "seq":
             split = [ref_split(c, cfg.ratio1, cfg.ratio2, N) for c in real]
@@ -285,8 +300,8 @@ def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, exp
                     continue
                 first, last = ranges[tier]
                 y_tier, aux = naive_moe(x[idx], logits[idx, first:last], pad[idx],
-                                        ref_capacity(largest, last - first, cf), experts["all"], first,
-                                        cfg.normalize_before_drop)
+                                        capacity(tier, largest, last - first), experts["all"], first,
+                                        cfg.normalize_before_drop, bpr)
                 y = y.index_add(0, torch.tensor(idx), y_tier)
                 if split[r][i] > 0:  # the aux loss averages the tiers that hold real tokens
                     tier_aux.append(aux)
@@ -303,8 +318,8 @@ def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, exp
                     outs.append(x.new_zeros(x.shape[0], w))
                 else:
                     y_tier, aux = naive_moe(x[:, start:start + w], logits[:, first:last], pad,
-                                            ref_capacity(largest, last - first, cf), experts[tier], first,
-                                            cfg.normalize_before_drop)
+                                            capacity(tier, largest, last - first), experts[tier], first,
+                                            cfg.normalize_before_drop, bpr)
                     outs.append(y_tier)
                     tier_aux.append(aux)
                 start += w
@@ -362,12 +377,13 @@ def reference_forward(kind: str, xs: list, pads: list, router: torch.Tensor, exp
     return ys, [zero if a is None else a for a in auxes]
 
 
-def run_reference(kind: str, case: Case, cfg: sc.MoEConfig, world: int, ranks_per_node: int) -> Reference:
+def run_reference(kind: str, case: Case, cfg: sc.MoEConfig, world: int, ranks_per_node: int,
+                  training: bool = True) -> Reference:
     """The reference forward and backward of the test loss, from leaf copies of the case's tensors."""
     xs = [x.clone().requires_grad_() for x in case.xs]
     router = case.router.clone().requires_grad_()
     experts = {name: {k: v.clone().requires_grad_() for k, v in p.items()} for name, p in case.experts.items()}
-    ys, auxes = reference_forward(kind, xs, case.pads, router, experts, cfg, world, ranks_per_node)
+    ys, auxes = reference_forward(kind, xs, case.pads, router, experts, cfg, world, ranks_per_node, training)
     loss = sum((y * cot).sum() + AUX_WEIGHT * aux for y, cot, aux in zip(ys, case.cots, auxes))
     loss.backward()
     grad = lambda v: torch.zeros_like(v) if v.grad is None else v.grad  # noqa: E731 - unused: gradient 0
@@ -398,14 +414,18 @@ def widths_of(kind: str, cfg: sc.MoEConfig, num_nodes: int) -> dict[str, int] | 
     return {t: w for t, w in zip(sc.TIERS, sc.feat_widths(cfg, num_nodes)) if w}
 
 
-def check_against_reference(kind: str, ranks_per_node: int, cfg_args: dict, counts: list[int], seed: int):
-    """Run on this rank, run the reference, compare outputs, aux and every gradient. Returns the ledger bytes."""
+def check_against_reference(kind: str, ranks_per_node: int, cfg_args: dict, counts: list[int], seed: int,
+                            eval_mode: bool = False):
+    """Run on this rank (the layer in eval mode if eval_mode), run the reference, compare outputs, aux and
+    every gradient. Returns the ledger bytes and the share dropped in each tier."""
     topo = sc.build_topology(ranks_per_node)
     cfg = sc.MoEConfig(**cfg_args)
     case = make_case(seed, counts, cfg, widths_of(kind, cfg, topo.num_nodes))
     layer = build(kind, cfg, topo, case)
+    if eval_mode:
+        layer.eval()
     out, x_grad, router_grad = run_layer(kind, layer, case, topo.rank)
-    ref = run_reference(kind, case, cfg, topo.world_size, ranks_per_node)
+    ref = run_reference(kind, case, cfg, topo.world_size, ranks_per_node, training=not eval_mode)
     r, n = topo.rank, cfg.num_experts // topo.world_size
     assert_close(out.y, ref.ys[r])
     assert_close(out.aux_loss.to(torch.float64), ref.auxes[r])
@@ -657,6 +677,88 @@ def test_gating_with_no_tokens():
     assert x.grad.shape == (0, 5)
 
 
+@pytest.mark.parametrize("capacity", [1, 2, 3, 100])
+@pytest.mark.parametrize("experts", [1, 2, 5])
+def test_batch_prioritized_gating_is_the_reference(capacity, experts):
+    """With batch_prioritized, top2_gating keeps the same assignments, weights and aux loss as the token-by-token
+    reference that serves first choices, then second choices, each by descending first-choice gate value."""
+    torch.manual_seed(capacity + 10 * experts + 1)
+    t = 13
+    logits = torch.randn(t, experts, dtype=torch.float64)
+    pad = torch.rand(t) < 0.25
+    routing = sc.top2_gating(logits, capacity, pad, batch_prioritized=True)
+    picks, kept, weights, aux = naive_top2(logits, capacity, pad, batch_prioritized=True)
+    assert routing.expert.tolist() == picks
+    assert routing.kept.tolist() == kept
+    for i in range(t):
+        for c in range(min(2, experts)):
+            expect = weights[i][c] if kept[i][c] else 0.0
+            assert_close(routing.weight[i, c], torch.as_tensor(expect, dtype=torch.float64))
+    assert_close(routing.aux_loss, aux)
+    for e in range(experts):  # each expert's kept assignments occupy slots 0 .. load-1, once each
+        slots = sorted(routing.slot[routing.kept & (routing.expert == e)].tolist())
+        assert slots == list(range(len(slots))) and len(slots) <= capacity
+
+
+def test_batch_prioritized_orders_second_choices_by_the_first_gate():
+    """As fairseq: first choices go first, by descending first gate; the second choices are ordered by the
+    first-choice gate as well, not by their own gate and not by token order. One slot per expert:
+    token 2 (first gate 0.8) takes expert 0 from token 0 (0.4); for expert 2's slot, token 1's second choice
+    (first gate 0.6, own 0.3) beats token 0's (first gate 0.4, own 0.35), which token order and the own
+    second gate would both have kept."""
+    gates = torch.tensor([[0.40, 0.25, 0.35], [0.10, 0.60, 0.30], [0.80, 0.15, 0.05]], dtype=torch.float64)
+    logits = gates.log()
+    by_token = sc.top2_gating(logits, 1)
+    by_gate = sc.top2_gating(logits, 1, batch_prioritized=True)
+    assert by_token.expert.tolist() == by_gate.expert.tolist() == [[0, 2], [1, 2], [0, 1]]
+    assert by_token.kept.tolist() == [[True, True], [True, False], [False, False]]
+    assert by_gate.kept.tolist() == [[False, False], [True, True], [True, False]]
+    assert_close(by_gate.weight[1], torch.tensor([0.6, 0.3], dtype=torch.float64) / 0.9)
+
+
+def test_authors_option_errors():
+    """A non-boolean flag, or an eval capacity fraction outside (0, 1], is a ValueError that names the value."""
+    base = dict(d_model=8, d_ffn=8, num_experts=4)
+    for kwargs, match in [(dict(batch_prioritized_routing=1), "batch_prioritized_routing=1"),
+                          (dict(local_no_capacity="yes"), "local_no_capacity='yes'"),
+                          (dict(eval_capacity_token_fraction=0.0), "eval_capacity_token_fraction=0.0"),
+                          (dict(eval_capacity_token_fraction=-1.0), "or be None"),
+                          (dict(eval_capacity_token_fraction=1.5), "must lie in \\(0, 1\\]"),
+                          (dict(eval_capacity_token_fraction=True), "eval_capacity_token_fraction=True")]:
+        with pytest.raises(ValueError, match=match):
+            sc.MoEConfig(**base, **kwargs)
+    assert sc.MoEConfig(**base, eval_capacity_token_fraction=1).eval_capacity_token_fraction == 1
+
+
+def test_eval_and_local_capacities_on_one_process():
+    """Capacities per tier, from the tier's real tokens t: in training ceil(cf * k * t / e); in eval mode with a
+    fraction, ceil(fraction * t) whatever e, k and cf; with local_no_capacity the local tier gets t slots (the
+    least that cannot bind) in both modes, and drops nothing where the training formula drops."""
+    torch.manual_seed(0)
+    x, pad = torch.randn(40, 8), torch.arange(40) % 5 == 4  # 32 real tokens
+    base = dict(d_model=8, d_ffn=8, num_experts=4, capacity_factor=0.5, feat_multiple=1)
+    for kind, ratios, local_t, other_t in [("seq", dict(ratio1=0.25), 8, 24), ("feat", dict(ratio1=0.5), 32, 32)]:
+        for flags in [{}, dict(eval_capacity_token_fraction=0.3), dict(eval_capacity_token_fraction=0.3,
+                                                                      local_no_capacity=True)]:
+            cfg = sc.MoEConfig(**base, **ratios, **flags)
+            layer = sc.make_moe_layer(kind, cfg, sc.build_topology())
+            for training in (True, False):
+                layer.train(training)
+                tiers = layer(x, pad).tiers
+                fraction = flags.get("eval_capacity_token_fraction")
+                for tier, t in (("local", local_t), ("node", other_t)):
+                    expect = math.ceil(fraction * t) if fraction and not training else math.ceil(0.5 * 2 * t / 4)
+                    if tier == "local" and flags.get("local_no_capacity"):
+                        expect = t
+                    assert tiers[tier].routing.capacity == expect, (kind, flags, training, tier)
+                local = tiers["local"].routing
+                assert (float(local.dropped) == 0) == bool(flags.get("local_no_capacity")), (kind, flags, training)
+    gshard = sc.GShardMoE(sc.MoEConfig(**base, eval_capacity_token_fraction=0.25), sc.build_topology()).eval()
+    assert gshard(x, pad).tiers["global"].routing.capacity == 8
+    assert gshard.train()(x, pad).tiers["global"].routing.capacity == 8  # ceil(0.5 * 2 * 32 / 4)
+    assert gshard.eval()(x[:30], pad[:30]).tiers["global"].routing.capacity == 6  # ceil(0.25 * 24)
+
+
 # ----------------------------------------------------------------------------
 # 4-6. The layers against the single-process reference
 
@@ -821,6 +923,51 @@ def test_feat_with_the_whole_width_global_is_gshard(workers):
     """On 2 nodes, SCoMoE-Feat with alpha = beta = 0 (the whole width in the global slice) equals GShard
     with the same weights, bit for bit."""
     workers.run(_feat_global_vs_gshard, 2)
+
+
+# The authors' options: batch-prioritized routing, an eval capacity, a local tier without capacity
+
+AUTHORS = {
+    "gshard": dict(GSHARD, capacity_factor=0.5),
+    "seq": dict(d_model=6, d_ffn=10, num_experts=8, ratio1=0.5, ratio2=0.3, capacity_factor=0.5),
+    "feat": dict(d_model=8, d_ffn=10, num_experts=8, ratio1=0.25, ratio2=0.5, capacity_factor=0.5, feat_multiple=1),
+}
+
+
+@pytest.mark.parametrize("kind", ["gshard", "seq", "feat"])
+def test_batch_prioritized_layers_match_reference(workers, kind):
+    """With batch-prioritized routing and capacity binding, every layer equals the reference whose gate serves
+    tokens by descending first-choice gate value: outputs, aux loss and every gradient."""
+    results = workers.run(check_against_reference, kind, 2, AUTHORS[kind] | dict(batch_prioritized_routing=True),
+                          COUNTS, 21)
+    assert max(max(dropped.values()) for _, dropped in results) > 0
+
+
+@pytest.mark.parametrize("eval_mode", [False, True])
+@pytest.mark.parametrize("kind", ["gshard", "seq", "feat"])
+def test_eval_capacity_matches_reference(workers, kind, eval_mode):
+    """With eval_capacity_token_fraction = 0.1 and capacity_factor 8, a layer in eval mode gives each expert
+    ceil(0.1 * t) slots, t the group's largest real-token count of the tier, and drops tokens; in training
+    mode the fraction is ignored and nothing is dropped. Both equal the reference, gradients included."""
+    cfg = AUTHORS[kind] | dict(capacity_factor=8.0, eval_capacity_token_fraction=0.1)
+    results = workers.run(check_against_reference, kind, 2, cfg, COUNTS, 22, eval_mode)
+    assert (max(max(dropped.values()) for _, dropped in results) > 0) == eval_mode
+
+
+@pytest.mark.parametrize("kind", ["seq", "feat"])
+def test_local_tier_without_capacity_matches_reference(workers, kind):
+    """With local_no_capacity the local tier drops nothing while the node and global tiers drop under
+    capacity factor 0.5; the layer equals the reference whose local tier has unlimited room."""
+    results = workers.run(check_against_reference, kind, 2, AUTHORS[kind] | dict(local_no_capacity=True), COUNTS, 23)
+    assert all(dropped.get("local", 0.0) == 0 for _, dropped in results)
+    assert max(max(dropped.values()) for _, dropped in results) > 0
+
+
+def test_authors_options_together_match_reference(workers):
+    """SCoMoE-Seq in eval mode with all three options at once (the authors' evaluation setting) equals the reference."""
+    cfg = AUTHORS["seq"] | dict(batch_prioritized_routing=True, eval_capacity_token_fraction=0.2,
+                                local_no_capacity=True)
+    workers.run(check_against_reference, "seq", 2, cfg, COUNTS, 24, True)
 
 
 # ----------------------------------------------------------------------------
