@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
@@ -762,8 +763,14 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ffn", "num_experts", "feat_multiple"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # True is an int
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("capacity_factor", "ratio1", "ratio2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number (an int or a float)")
+        if not isinstance(self.normalize_before_drop, bool):  # a string such as 'no' would be truthy
+            raise ValueError(f"normalize_before_drop={self.normalize_before_drop!r} must be True or False")
         if not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0 (1.0 gives GShard's C = 2S/E)")
         for name in ("ratio1", "ratio2"):

@@ -817,6 +817,36 @@ def test_config_errors(kwargs, match):
         sc.MoEConfig(**(dict(d_model=8, d_ffn=8, num_experts=4) | kwargs))
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(d_model=True), "d_model=True must be a positive integer"),
+    (dict(num_experts=False), "num_experts=False"),
+    (dict(d_ffn=8.0), "d_ffn=8.0 must be a positive integer"),
+    (dict(feat_multiple="8"), "feat_multiple='8'"),
+    (dict(capacity_factor="1.0"), "capacity_factor='1.0' must be a finite number"),
+    (dict(capacity_factor=True), "capacity_factor=True must be a finite number"),
+    (dict(capacity_factor=float("inf")), "capacity_factor=inf must be a finite number"),
+    (dict(capacity_factor=float("nan")), "capacity_factor=nan must be a finite number"),
+    (dict(ratio1=float("nan")), "ratio1=nan must be a finite number"),
+    (dict(ratio2=float("-inf")), "ratio2=-inf must be a finite number"),
+    (dict(ratio1=None), "ratio1=None must be a finite number"),
+    (dict(normalize_before_drop="no"), "normalize_before_drop='no' must be True or False"),
+    (dict(normalize_before_drop=1), "normalize_before_drop=1 must be True or False"),
+    (dict(second_expert=None), "second_expert=None"),
+])
+def test_config_type_errors(kwargs, match):
+    """A value of the wrong type is a ValueError naming the field: a bool is not an int (True == 1), a string
+    is neither a number nor a bool (bool('no') is True), and a float must be finite."""
+    with pytest.raises(ValueError, match=match):
+        sc.MoEConfig(**(dict(d_model=8, d_ffn=8, num_experts=4) | kwargs))
+
+
+def test_config_accepts_ints_for_floats():
+    """An int where a float is meant is fine (capacity_factor=2, ratio1=0), and numpy numbers pass as well."""
+    cfg = sc.MoEConfig(8, 8, 4, capacity_factor=2, ratio1=0, ratio2=1)
+    assert sc.expert_capacity(10, 4, 2, cfg.capacity_factor) == 10
+    sc.MoEConfig(np.int64(8), 8, 4, capacity_factor=np.float32(1.5), ratio1=np.float64(0.25))
+
+
 def _layer_errors():
     topo = sc.build_topology(2)
     with pytest.raises(ValueError, match="num_experts=6 is not divisible by the world size 4"):
