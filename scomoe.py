@@ -538,6 +538,20 @@ def _tier_capacity(largest: int, first: int, last: int, cfg: "MoEConfig") -> int
     return expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
 
 
+def _check_input(x: Tensor, pad_mask: Optional[Tensor], d_model: int, layer: str) -> None:
+    """x must be (t, d_model) and pad_mask, if given, a (t,) bool tensor; shapes and dtypes only, no host sync."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != d_model:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{layer}: x must be a (tokens, d_model={d_model}) tensor, got {got}; "
+                         f"flatten batch and sequence first, e.g. x.reshape(-1, {d_model})")
+    if pad_mask is not None and not (isinstance(pad_mask, Tensor) and pad_mask.dtype == torch.bool
+                                     and pad_mask.shape == x.shape[:1]):
+        got = (f"{pad_mask.dtype} of shape {tuple(pad_mask.shape)}" if isinstance(pad_mask, Tensor)
+               else type(pad_mask).__name__)
+        raise ValueError(f"{layer}: pad_mask must be a bool tensor of shape ({x.shape[0]},), one flag per token "
+                         f"of x, got {got}; e.g. pad_mask.reshape(-1).bool()")
+
+
 def _real_tokens(t: int, pad_mask: Optional[Tensor]) -> int:
     """Tokens that are not padding, as a host integer: the layers' one device-to-host copy, made only
     when a padding mask is given (capacities and tier sizes are shapes, known on the host)."""
@@ -561,6 +575,7 @@ class GShardMoE(nn.Module):
         self.ledger = CommLedger()
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
+        _check_input(x, pad_mask, self.cfg.d_model, "GShardMoE")
         counts = self.topology.gather_counts(_real_tokens(x.shape[0], pad_mask))  # real tokens of every rank
         if max(counts) == 0:
             return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
@@ -637,6 +652,7 @@ class SCoMoESeq(nn.Module):
         self.ledger = CommLedger()
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
+        _check_input(x, pad_mask, self.cfg.d_model, "SCoMoESeq")
         topo, cfg = self.topology, self.cfg
         mine = three_way_split(_real_tokens(x.shape[0], pad_mask), cfg.ratio1, cfg.ratio2, topo.num_nodes)
         # every rank's tier sizes fix each tier's capacity; with ratio1 = 1 every real token is local
@@ -712,6 +728,7 @@ class SCoMoEFeat(nn.Module):
         self.ledger = CommLedger()
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
+        _check_input(x, pad_mask, self.cfg.d_model, "SCoMoEFeat")
         topo, cfg = self.topology, self.cfg
         n_real = _real_tokens(x.shape[0], pad_mask)
         # the node and global slices need every rank's count for their capacity; the local slice does not
@@ -1284,6 +1301,7 @@ class TokenClustering(nn.Module):
         for autoregressive inference: a decoder's tokens at one step are too few, and too alike,
         to be split evenly); the split sizes then vary, and the sort is hard.
         """
+        _check_input(x, pad_mask, self.router.in_features, "TokenClustering")
         topo = self.topology
         t, d = x.shape
         W, G = topo.world_size, topo.ranks_per_node

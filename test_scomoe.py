@@ -865,6 +865,42 @@ def test_layer_errors(workers):
     workers.run(_layer_errors)
 
 
+BAD_INPUTS = [  # (x, pad_mask, message) for layers of d_model = 8, x of 20 tokens unless stated
+    (torch.randn(2, 10, 8), None, r"x must be a \(tokens, d_model=8\) tensor, got shape \(2, 10, 8\).*reshape"),
+    (torch.randn(20), None, r"got shape \(20,\)"),
+    (torch.randn(20, 6), None, r"d_model=8\) tensor, got shape \(20, 6\)"),
+    (torch.randn(20, 8), torch.zeros(18, dtype=torch.bool), r"pad_mask must be a bool tensor of shape \(20,\).*"
+                                                             r"got torch.bool of shape \(18,\)"),
+    (torch.randn(20, 8), torch.zeros(2, 10, dtype=torch.bool), r"shape \(20,\).*got torch.bool of shape \(2, 10\)"),
+    (torch.randn(20, 8), torch.zeros(20), r"pad_mask must be a bool tensor.*got torch.float32 of shape \(20,\)"),
+    (torch.randn(20, 8), [False] * 20, r"pad_mask must be a bool tensor.*got list"),
+]
+
+
+@pytest.mark.parametrize("kind", ["gshard", "seq", "feat", "cluster"])
+@pytest.mark.parametrize("x, pad_mask, match", BAD_INPUTS)
+def test_layer_input_errors(kind, x, pad_mask, match):
+    """Every layer checks its input at the start of forward: x must be (t, d_model) and pad_mask a (t,) bool
+    tensor; otherwise a ValueError names the layer, what it got and what it needs."""
+    topo = sc.build_topology()
+    cfg = sc.MoEConfig(8, 16, 4, ratio1=0.5, ratio2=0.5, feat_multiple=1)
+    layer = sc.TokenClustering(8, 16, topo) if kind == "cluster" else sc.make_moe_layer(kind, cfg, topo)
+    name = {"gshard": "GShardMoE", "seq": "SCoMoESeq", "feat": "SCoMoEFeat", "cluster": "TokenClustering"}[kind]
+    with pytest.raises(ValueError, match=f"{name}: .*{match}"):
+        layer(x, pad_mask)
+    layer(torch.randn(20, 8), torch.arange(20) % 3 == 0)  # a good input passes
+
+
+def test_input_check_reads_no_data():
+    """The input check reads shapes and dtypes only (no device-to-host copy): it passes and fails on meta
+    tensors, which have no data to read."""
+    x, pad = torch.empty(20, 8, device="meta"), torch.empty(20, dtype=torch.bool, device="meta")
+    sc._check_input(x, pad, 8, "layer")
+    with pytest.raises(ValueError, match="pad_mask must be a bool tensor"):
+        sc._check_input(x, pad[:18], 8, "layer")
+
+
+
 # ----------------------------------------------------------------------------
 # 8. Balanced assignment (the auction algorithm)
 
