@@ -881,6 +881,63 @@ def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float]:
     return bool(nan), bool(posinf), bool(neginf), bool(dead_row), lo, hi
 
 
+def _feasible(allowed: Tensor, m: int) -> bool:
+    """Whether some assignment of m tokens to every cluster uses allowed pairs only.
+
+    allowed: (T, C) bool, no row all False. A max flow by augmenting paths on the C clusters, with
+    the tokens counted by pattern (a row of allowed), so that the cost does not grow with T beyond
+    one sort. The tokens of each pattern start spread evenly over its clusters; while a cluster
+    holds more than m, a breadth-first search looks for a chain of clusters a -> b -> ... -> z, each
+    holding a token allowed in the next, from an overfull a to an underfull z, and moves as many
+    tokens as fit along it. If there is none, the clusters R reachable from the overfull ones hold
+    more than m |R| tokens, all allowed only in R: Hall's condition fails, and no assignment exists.
+    """
+    pattern, n = allowed.cpu().unique(dim=0, return_counts=True)       # (P, C), (P,)
+    pat = pattern.long()                                                  # (P, C)
+    k = pat.sum(dim=1)                                                    # (P,) clusters each pattern allows
+    # the n % k extra tokens of pattern p go to its allowed clusters from the (p mod k)-th on, so
+    # that patterns of one token do not all pile into their lowest cluster
+    turn = (pat.cumsum(dim=1) - 1 - torch.arange(len(n))[:, None]) % k[:, None]   # (P, C)
+    x = (pat * (n // k)[:, None] + (pattern & (turn < (n % k)[:, None])).long()).t().contiguous()  # (C, P)
+    patt = pat.t().contiguous()                                           # (C, P)
+    load = x.sum(dim=1)                                                   # (C) tokens in each cluster
+    edge = x @ pat                                                        # (C, C) tokens in a allowed in b
+    C = allowed.shape[1]
+    for _ in range(int(allowed.shape[0]) + 1):                            # each pass moves >= 1 token home
+        over = load > m                                                   # (C)
+        if not bool(over.any()):
+            return True
+        parent = torch.full((C,), -1, dtype=torch.long)                   # (C) the cluster a move comes from
+        seen, frontier, end = over.clone(), over.nonzero().squeeze(1), -1
+        while frontier.numel() > 0 and end < 0:                           # breadth first: shortest chains
+            step = edge[frontier] > 0                                     # (F, C)
+            new = step.any(dim=0) & ~seen                                 # (C)
+            parent[new] = frontier[step[:, new].long().argmax(dim=0)]
+            seen |= new
+            frontier = new.nonzero().squeeze(1)
+            short = frontier[load[frontier] < m]
+            end = int(short[0]) if short.numel() > 0 else -1
+        if end < 0:
+            return False
+        chain = [end]
+        while parent[chain[-1]] >= 0:
+            chain.append(int(parent[chain[-1]]))                          # z, ..., a
+        amount = min(int(load[chain[-1]]) - m, m - int(load[end]),
+                     *(int(edge[a, b]) for b, a in zip(chain, chain[1:])))
+        for b, a in zip(chain, chain[1:]):                                # from z back: a's tokens are its own
+            avail = x[a] * patt[b]                                        # (P) tokens in a allowed in b
+            take = (amount - (avail.cumsum(0) - avail)).clamp(min=0).minimum(avail)  # (P)
+            x[a] -= take
+            x[b] += take
+            some = take.nonzero().squeeze(1)
+            moved = take[some] @ pat[some]                                # (C) their allowed clusters
+            edge[a] -= moved
+            edge[b] += moved
+        load[chain[-1]] -= amount
+        load[end] += amount
+    raise RuntimeError("feasibility check did not terminate; this is a bug, please report the input")
+
+
 def _bid_for(s_rows: Tensor, price: Tensor, c: Tensor, eps: float):
     """The bid of some tokens for cluster c[i] (one cluster per token row).
 
@@ -1106,7 +1163,8 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     -inf scores: no token is given a -inf pair when some balanced assignment
         uses only finite scores.  Internally each -inf becomes a penalty larger
         than any difference a finite assignment can make up.  If no such
-        assignment exists, ``ValueError`` is raised.
+        assignment exists, ``ValueError`` is raised at once: a max flow on the
+        C clusters checks Hall's condition before the auction (``_feasible``).
 
     Padding convention: if T is not a multiple of C, append padding tokens
         whose score row is *constant* and below every real score (``padding_scores``
@@ -1148,12 +1206,20 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
             f"infeasible: token {bad} has score -inf for every cluster; give it at "
             "least one finite score (padding rows must be finite)"
         )
-    span = hi - lo if hi > lo else 1.0                            # the score range
-    if eps is None:
-        eps = span / (T + 1)
-    eps = float(eps)
-    if not (eps > 0 and math.isfinite(eps)):
+    if has_forbidden and not _feasible(~forbidden, m):           # before the auction, which would take long
+        raise ValueError(
+            "infeasible: no balanced assignment (T // C tokens per cluster) avoids the -inf "
+            "scores; allow more token/cluster pairs or relax the balance constraint"
+        )
+    eps = None if eps is None else float(eps)
+    if eps is not None and not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite number, got {eps}")
+    # Work in units of a power of two 2^e >= max |score|: exact, and the span, the penalty and the
+    # prices below cannot overflow float64 however large the scores (1e308) are.
+    unit = math.ldexp(1.0, -max(math.frexp(max(-lo, hi))[1], 0))
+    s, lo, hi = s * unit, lo * unit, hi * unit
+    span = hi - lo if hi > lo else 1.0                            # the score range
+    eps = span / (T + 1) if eps is None else eps * unit
 
     if C == 1:                                                    # nothing to decide
         if has_forbidden:
@@ -1174,8 +1240,8 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     # Prices stay within a few `scale` of 0, and eps must not vanish next to them.
     if eps < _MIN_EPS_REL * scale:
         raise ValueError(
-            f"eps={eps:g} is too small for float64 arithmetic at score scale {scale:g}; "
-            f"use eps >= {_MIN_EPS_REL * scale:g}"
+            f"eps={eps / unit:g} is too small for float64 arithmetic at score scale {scale / unit:g}; "
+            f"use eps >= {_MIN_EPS_REL * scale / unit:g}"
         )
 
     # Phase 0 starts from zero prices and no holders: every slot is empty, at price 0.
@@ -1196,11 +1262,8 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     # Now every token holds a cluster, every cluster is full, and (CS) holds at
     # the final eps, so the total is within T * eps of the optimum.
 
-    if has_forbidden and bool(forbidden.gather(1, cluster[:, None]).any()):
-        raise ValueError(
-            "infeasible: no balanced assignment (T // C tokens per cluster) avoids the -inf "
-            "scores; allow more token/cluster pairs or relax the balance constraint"
-        )
+    if has_forbidden and bool(forbidden.gather(1, cluster[:, None]).any()):  # _feasible said one avoids them
+        raise RuntimeError("the auction used a -inf pair of a feasible input; this is a bug, please report the input")
     return cluster
 
 

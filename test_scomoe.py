@@ -1098,6 +1098,84 @@ def test_neg_inf_infeasible_raises():
         sc.balanced_assignment(scores)
 
 
+def hall_feasible(allowed, m):
+    """Hall's condition by brute force: every set S of clusters is allowed to at least m |S| tokens
+    (then, and only then, some assignment of m tokens per cluster uses allowed pairs only)."""
+    a = allowed.numpy()
+    return all(a[:, list(S)].any(axis=1).sum() >= m * len(S)
+               for r in range(1, a.shape[1] + 1) for S in itertools.combinations(range(a.shape[1]), r))
+
+
+def random_allowed(T, C, density, g):
+    """A random (T, C) allowed pattern with no row all False."""
+    allowed = torch.rand(T, C, generator=g) < density
+    allowed[torch.arange(T), torch.randint(0, C, (T,), generator=g)] |= ~allowed.any(dim=1)
+    return allowed
+
+
+def test_feasibility_check_is_exact():
+    """The check run before the auction says feasible exactly when Hall's condition holds (brute force over
+    every set of clusters), on random patterns near the boundary and on block patterns with m |S| +- 1
+    tokens; balanced_assignment then raises 'infeasible' exactly on the infeasible ones and otherwise uses
+    no -inf pair."""
+    g = torch.Generator().manual_seed(0)
+    cases = [random_allowed(T, C, density, g) for T, C in [(4, 2), (6, 3), (8, 4), (12, 3), (12, 4), (24, 6),
+                                                          (32, 8), (60, 5)]
+             for density in (0.15, 0.3, 0.45, 0.6) for _ in range(6)]
+    for m, extra in itertools.product((1, 3), (-1, 0, 1)):  # tokens of block 0 allowed only in clusters {0, 1}
+        allowed = torch.ones(4 * m, 4, dtype=torch.bool)
+        allowed[:2 * m + extra, 2:] = False
+        allowed[2 * m + extra:, :2] = extra < 0  # the rest may not enter {0, 1} unless block 0 is short
+        cases.append(allowed)
+    verdicts = []
+    for allowed in cases:
+        T, C = allowed.shape
+        want = hall_feasible(allowed, T // C)
+        assert sc._feasible(allowed, T // C) == want
+        scores = torch.randn(T, C, generator=g, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+        if want:
+            assert bool(allowed[torch.arange(T), sc.balanced_assignment(scores)].all())
+        else:
+            with pytest.raises(ValueError, match="infeasible"):
+                sc.balanced_assignment(scores)
+        verdicts.append(want)
+    assert 0.25 < sum(verdicts) / len(verdicts) < 0.75  # both answers are well represented
+
+
+@pytest.mark.parametrize("pattern", ["dead cluster", "confined tokens", "starved clusters"])
+def test_infeasible_is_fast(pattern):
+    """An infeasible -inf pattern at T = 16384, C = 8 raises 'infeasible' in well under a second of CPU time
+    (the auction alone took minutes to find out): a cluster no token may enter, 2m + 1 tokens allowed only in
+    two clusters, or three clusters that only 3m - 1 tokens may enter."""
+    T, C = 16384, 8
+    m = T // C
+    scores = torch.randn(T, C, generator=torch.Generator().manual_seed(0))
+    if pattern == "dead cluster":
+        scores[:, 3] = float("-inf")
+    elif pattern == "confined tokens":
+        scores[:2 * m + 1, 2:] = float("-inf")
+    else:
+        scores[3 * m - 1:, 5:] = float("-inf")
+    start = time.process_time()  # CPU time: a busy machine slows the wall clock, not this
+    with pytest.raises(ValueError, match="infeasible"):
+        sc.balanced_assignment(scores)
+    assert time.process_time() - start < 2.0  # about 0.1 s here, minutes before the check
+
+
+def test_huge_scores():
+    """Scores near the float64 limit (a span of 2e308 overflows) give the same assignment as the same scores
+    scaled down by a power of two (an exact scaling), with and without -inf pairs; no eps error."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(64, 4, generator=g, dtype=torch.float64).clamp(-3.5, 3.5)
+    scores[:8, 0] = float("-inf")
+    for s in (scores, scores[:, 1:].repeat(1, 2)[:60, :3]):
+        huge = s * 2.0**1022  # up to 1.6e308
+        assert math.isinf(float(huge[huge.isfinite()].max() - huge[huge.isfinite()].min()))
+        assert torch.equal(sc.balanced_assignment(huge), sc.balanced_assignment(s))
+    extreme = torch.tensor([[1e308, -1e308], [-1e308, 1e308]], dtype=torch.float64)
+    assert sc.balanced_assignment(extreme).tolist() == [0, 1]
+
+
 # padding
 def pad_scores(real):
     """real (n, C) followed by padding rows up to a multiple of C (and >= C), set by padding_scores."""
