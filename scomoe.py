@@ -839,6 +839,9 @@ _START_FRACTION = 0.25
 _EPS_FACTOR = 6.0
 # eps must stay well above float64 rounding of prices of size `scale`
 _MIN_EPS_REL = 1e-13
+# The default final eps, in standard deviations of the scores: the gap to the optimum is at most
+# T * eps = 1e-7 * T * std, ten times inside a target of 1e-6 * T * std (measured gaps are far smaller).
+_EPS_PER_STD = 1e-7
 # A safety net so that a bug cannot turn into an endless loop.  The auction
 # always terminates, as the comment in _run_rounds explains.
 _MAX_ROUNDS_PER_PHASE = 1_000_000
@@ -869,16 +872,20 @@ def _check_scores(scores) -> tuple[int, int]:
     return T, C
 
 
-def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float]:
-    """(any NaN, any +inf, any -inf, a row all -inf, smallest and largest finite score) of s (T, C),
-    in one host sync."""
+def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float, float]:
+    """(any NaN, any +inf, any -inf, a row all -inf, smallest and largest finite score, standard deviation
+    of the finite scores) of s (T, C), in one host sync."""
     forbidden = torch.isneginf(s)  # (T, C)
     finite = s.isfinite()  # (T, C)
     facts = torch.stack([s.isnan().any(), s.isposinf().any(), forbidden.any(), forbidden.all(dim=1).any()]).to(s.dtype)
     lo = torch.where(finite, s, torch.inf).amin().reshape(1)
     hi = torch.where(finite, s, -torch.inf).amax().reshape(1)
-    nan, posinf, neginf, dead_row, lo, hi = torch.cat([facts, lo, hi]).tolist()
-    return bool(nan), bool(posinf), bool(neginf), bool(dead_row), lo, hi
+    count = finite.sum().clamp(min=1)
+    big = torch.where(finite, s, 0).abs().amax().clamp(min=torch.finfo(s.dtype).tiny)  # divided out: no overflow
+    z = torch.where(finite, s / big, 0)  # (T, C) in [-1, 1]
+    std = (torch.where(finite, z - z.sum() / count, 0).square().sum() / count).sqrt().mul(big).reshape(1)
+    nan, posinf, neginf, dead_row, lo, hi, std = torch.cat([facts, lo, hi, std]).tolist()
+    return bool(nan), bool(posinf), bool(neginf), bool(dead_row), lo, hi, std
 
 
 def _feasible(allowed: Tensor, m: int) -> bool:
@@ -1089,7 +1096,7 @@ def _repair_prices(s, price, owner, eps):
     valid start for a phase, because the phase unassigns every violator.
     On inputs with many equal rows (e.g. all rows identical), this removes the
     restart at each phase almost completely.  Cost O(T*C + C^3), and at most
-    C + 2 host syncs; only used when C*C <= T.
+    C + 2 host syncs; only used when C*C <= max(T, 16384).
     """
     T, C = s.shape
     diff = s.gather(1, owner[:, None]) - s                        # (T, C) s(t,a) - s(t,b)
@@ -1126,8 +1133,11 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
         scores: ``(T, C)`` floating point tensor, of any float dtype and on any
             device.  ``-inf`` marks a forbidden token/cluster pair.  T must be
             a multiple of C, and T >= C (otherwise pad; see ``padding_scores``).
-        eps: final auction slack, > 0.  Default: ``(max - min) / (T + 1)`` over
-            the finite scores (``1 / (T + 1)`` if they are all equal).
+        eps: final auction slack, > 0.  Default: ``1e-7 * std``, std the
+            standard deviation of the finite scores (if they are all equal, every
+            assignment is optimal and one phase with a large eps suffices), but at least
+            ``2e-13 * (max - min)``, times ``T + 2`` with -inf scores: the least
+            that float64 resolves next to the prices (and the -inf penalty).
 
     Returns:
         ``cluster``: ``(T,)`` int64 tensor on ``scores.device``.  Every cluster
@@ -1136,11 +1146,11 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     Optimality guarantee (the standard auction result):
         sum_t scores[t, cluster[t]]  >=  OPT - T * eps
         (up to float64 rounding; all work is done in float64 whatever the input
-        dtype).  With the default eps, the gap is < (max - min) * T / (T + 1),
-        i.e. less than one token's score range; in practice it is far smaller
-        (NOTES.md gives the gap measured against scipy).  For integer-valued scores
-        and ``eps < 1 / T`` the result is exactly optimal, because the total is
-        an integer within T * eps < 1 of OPT.
+        dtype).  With the default eps, the gap is at most 1e-7 * T * std; in
+        practice it is far smaller (NOTES.md gives the gap measured against
+        scipy).  For integer-valued scores and ``eps < 1 / T`` the result is
+        exactly optimal, because the total is an integer within T * eps < 1 of
+        OPT (the default eps is below 1 / T while std < 1e7 / T).
         (weak duality with the prices p, and (CS) for every token; NOTES.md gives the proof.)
 
     Algorithm: Bertsekas' forward auction with eps scaling, in Jacobi form: in
@@ -1152,7 +1162,8 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
         touching the guarantee: a cluster's holders renew their bids at current
         prices when the cluster gets new bids (_run_rounds), and between phases
         prices are adjusted by Bellman-Ford on the C clusters so that fewer
-        tokens must be unassigned (_repair_prices).
+        tokens must be unassigned (_repair_prices); if such prices satisfy (CS)
+        at the final eps already, the remaining phases are skipped.
 
     Ties and determinism: the output is a deterministic function of the input
         (only stable sorts and first-index argmax are used).  A token whose best
@@ -1187,7 +1198,7 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     m = T // C
     dev = scores.device
     s = scores.detach().to(torch.float64)                         # (T, C)
-    nan, posinf, has_forbidden, dead_row, lo, hi = _score_facts(s)
+    nan, posinf, has_forbidden, dead_row, lo, hi, std = _score_facts(s)
     if nan:
         raise ValueError(
             "scores contain NaN; replace them before calling, e.g. with "
@@ -1217,9 +1228,14 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     # Work in units of a power of two 2^e >= max |score|: exact, and the span, the penalty and the
     # prices below cannot overflow float64 however large the scores (1e308) are.
     unit = math.ldexp(1.0, -max(math.frexp(max(-lo, hi))[1], 0))
-    s, lo, hi = s * unit, lo * unit, hi * unit
+    s, lo, hi, std = s * unit, lo * unit, hi * unit, std * unit
     span = hi - lo if hi > lo else 1.0                            # the score range
-    eps = span / (T + 1) if eps is None else eps * unit
+    if eps is None:  # T * eps bounds the gap: 1e-7 * T * std (all scores equal: every assignment is optimal)
+        eps = _EPS_PER_STD * std if std > 0 else span
+        # but not below what float64 resolves next to the prices: about span, or T * span with -inf penalties
+        eps = max(eps, 2 * _MIN_EPS_REL * span * (T + 2 if has_forbidden else 1))
+    else:
+        eps *= unit
 
     if C == 1:                                                    # nothing to decide
         if has_forbidden:
@@ -1250,11 +1266,16 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     slot_tok = torch.full((C, m), T, dtype=torch.long, device=dev)          # (C, m)
     bidders = torch.arange(T, device=dev)                                   # (T)
     cluster = None
+    repair = C * C <= max(T, 1 << 14)  # Bellman-Ford's O(C^3) is small next to a phase's O(T * C) or its rounds
     for phase, eps_k in enumerate(_eps_schedule(span, eps)):    # eps decreasing
         if phase > 0:
+            # if some prices let every token satisfy (CS) at the final eps, the assignment is
+            # already within T * eps of the optimum, and the remaining phases are not needed
+            if repair and _n_violators(s, _repair_prices(s, price, cluster, eps), cluster, eps) == 0:
+                break
             # keep the previous phase's prices (possibly repaired) and every
             # token that still satisfies (CS) at the smaller eps
-            if C * C <= T:
+            if repair:
                 price = _repair_prices(s, price, cluster, eps_k)
             slot_bid, slot_tok, price, bidders = _start_phase(s, price, cluster, eps_k, m)
         _run_rounds(s, price, slot_bid, slot_tok, bidders, eps_k, m)   # until all assigned
