@@ -29,7 +29,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from scipy.optimize import linear_sum_assignment
 from torch.testing import assert_close
 
 import scomoe as sc
@@ -937,6 +936,12 @@ def brute_force_opt(scores):
     return totals.max()
 
 
+def linear_sum_assignment(*args, **kwargs):
+    """scipy's exact solver, the reference; without scipy the test skips here (after its other checks)."""
+    scipy_optimize = pytest.importorskip("scipy.optimize", reason="scipy is the exact reference: pip install scipy")
+    return scipy_optimize.linear_sum_assignment(*args, **kwargs)
+
+
 def scipy_opt(scores, forbidden_value=None):
     """Optimum via linear_sum_assignment on the T x T matrix whose columns are
     the clusters, each repeated T // C times."""
@@ -1746,6 +1751,7 @@ def test_trace_prints_every_token_and_the_bytes():
 
 def test_bench_assign_reports_the_gap_to_scipy():
     """--bench-assign prints, per size, our time, scipy's, the ratio and the optimality gap."""
+    pytest.importorskip("scipy.optimize", reason="--bench-assign compares against scipy: pip install scipy")
     proc = subprocess.run([sys.executable, "train_toy.py", "--bench-assign", "--assign-tokens", "64,128",
                            "--assign-clusters", "4", "--reps", "1"], cwd=HERE, capture_output=True, text=True,
                           timeout=120)
