@@ -1133,11 +1133,12 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
         scores: ``(T, C)`` floating point tensor, of any float dtype and on any
             device.  ``-inf`` marks a forbidden token/cluster pair.  T must be
             a multiple of C, and T >= C (otherwise pad; see ``padding_scores``).
-        eps: final auction slack, > 0.  Default: ``1e-7 * std``, std the
-            standard deviation of the finite scores (if they are all equal, every
-            assignment is optimal and one phase with a large eps suffices), but at least
-            ``2e-13 * (max - min)``, times ``T + 2`` with -inf scores: the least
-            that float64 resolves next to the prices (and the -inf penalty).
+        eps: final auction slack, > 0.  Default: ``1e-7 * std`` rounded down
+            to a power of two, std the standard deviation of the finite scores
+            (if they are all equal, every assignment is optimal and one phase
+            with a large eps suffices), but at least ``2e-13 * (max - min)``,
+            times ``T + 2`` with -inf scores: the least that float64 resolves
+            next to the prices (and the -inf penalty).
 
     Returns:
         ``cluster``: ``(T,)`` int64 tensor on ``scores.device``.  Every cluster
@@ -1231,7 +1232,9 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     s, lo, hi, std = s * unit, lo * unit, hi * unit, std * unit
     span = hi - lo if hi > lo else 1.0                            # the score range
     if eps is None:  # T * eps bounds the gap: 1e-7 * T * std (all scores equal: every assignment is optimal)
-        eps = _EPS_PER_STD * std if std > 0 else span
+        # rounded down to a power of two, so that std's last bits (a sum, rounded differently on
+        # each device) do not change the result
+        eps = math.ldexp(1.0, math.frexp(_EPS_PER_STD * std)[1] - 1) if std > 0 else span
         # but not below what float64 resolves next to the prices: about span, or T * span with -inf penalties
         eps = max(eps, 2 * _MIN_EPS_REL * span * (T + 2 if has_forbidden else 1))
     else:

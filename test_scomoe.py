@@ -909,13 +909,14 @@ def total(scores, cluster):
 
 
 def default_eps(scores):
-    """balanced_assignment's default final eps: 1e-7 x the standard deviation of the finite scores (a large
-    one if that is 0), but at least 2e-13 x their range, times T + 2 with -inf scores (float64's limit)."""
+    """balanced_assignment's default final eps: 1e-7 x the standard deviation of the finite scores rounded
+    down to a power of two (a large eps if std is 0), but at least 2e-13 x their range, times T + 2 with -inf
+    scores (float64's limit)."""
     s = scores.double()
     f = s[torch.isfinite(s)]
     span = float(f.max() - f.min()) if float(f.max()) > float(f.min()) else 1.0
     std = float(f.std(unbiased=False))
-    eps = 1e-7 * std if std > 0 else span
+    eps = 2.0 ** math.floor(math.log2(1e-7 * std)) if std > 0 else span  # rounded down to a power of two
     return max(eps, 2e-13 * span * (s.shape[0] + 2 if bool(torch.isneginf(s).any()) else 1))
 
 
