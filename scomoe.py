@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
@@ -586,6 +587,20 @@ def _tier_capacity(largest: int, first: int, last: int, cfg: "MoEConfig", traini
     return expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
 
 
+def _check_input(x: Tensor, pad_mask: Optional[Tensor], d_model: int, layer: str) -> None:
+    """x must be (t, d_model) and pad_mask, if given, a (t,) bool tensor; shapes and dtypes only, no host sync."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != d_model:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{layer}: x must be a (tokens, d_model={d_model}) tensor, got {got}; "
+                         f"flatten batch and sequence first, e.g. x.reshape(-1, {d_model})")
+    if pad_mask is not None and not (isinstance(pad_mask, Tensor) and pad_mask.dtype == torch.bool
+                                     and pad_mask.shape == x.shape[:1]):
+        got = (f"{pad_mask.dtype} of shape {tuple(pad_mask.shape)}" if isinstance(pad_mask, Tensor)
+               else type(pad_mask).__name__)
+        raise ValueError(f"{layer}: pad_mask must be a bool tensor of shape ({x.shape[0]},), one flag per token "
+                         f"of x, got {got}; e.g. pad_mask.reshape(-1).bool()")
+
+
 def _real_tokens(t: int, pad_mask: Optional[Tensor]) -> int:
     """Tokens that are not padding, as a host integer: the layers' one device-to-host copy, made only
     when a padding mask is given (capacities and tier sizes are shapes, known on the host)."""
@@ -609,6 +624,7 @@ class GShardMoE(nn.Module):
         self.ledger = CommLedger()
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
+        _check_input(x, pad_mask, self.cfg.d_model, "GShardMoE")
         counts = self.topology.gather_counts(_real_tokens(x.shape[0], pad_mask))  # real tokens of every rank
         if max(counts) == 0:
             return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
@@ -685,6 +701,7 @@ class SCoMoESeq(nn.Module):
         self.ledger = CommLedger()
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
+        _check_input(x, pad_mask, self.cfg.d_model, "SCoMoESeq")
         topo, cfg = self.topology, self.cfg
         mine = three_way_split(_real_tokens(x.shape[0], pad_mask), cfg.ratio1, cfg.ratio2, topo.num_nodes)
         # every rank's tier sizes fix each tier's capacity; with ratio1 = 1 every real token is local
@@ -760,6 +777,7 @@ class SCoMoEFeat(nn.Module):
         self.ledger = CommLedger()
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
+        _check_input(x, pad_mask, self.cfg.d_model, "SCoMoEFeat")
         topo, cfg = self.topology, self.cfg
         n_real = _real_tokens(x.shape[0], pad_mask)
         # the node and global slices need every rank's count for their capacity; the local slice does not
@@ -908,8 +926,14 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ffn", "num_experts", "feat_multiple"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # True is an int
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("capacity_factor", "ratio1", "ratio2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number (an int or a float)")
+        if not isinstance(self.normalize_before_drop, bool):  # a string such as 'no' would be truthy
+            raise ValueError(f"normalize_before_drop={self.normalize_before_drop!r} must be True or False")
         if not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0 (1.0 gives GShard's C = 2S/E)")
         for name in ("ratio1", "ratio2"):
@@ -971,6 +995,9 @@ _START_FRACTION = 0.25
 _EPS_FACTOR = 6.0
 # eps must stay well above float64 rounding of prices of size `scale`
 _MIN_EPS_REL = 1e-13
+# The default final eps, in standard deviations of the scores: the gap to the optimum is at most
+# T * eps = 1e-7 * T * std, ten times inside a target of 1e-6 * T * std (measured gaps are far smaller).
+_EPS_PER_STD = 1e-7
 # A safety net so that a bug cannot turn into an endless loop.  The auction
 # always terminates, as the comment in _run_rounds explains.
 _MAX_ROUNDS_PER_PHASE = 1_000_000
@@ -1001,16 +1028,77 @@ def _check_scores(scores) -> tuple[int, int]:
     return T, C
 
 
-def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float]:
-    """(any NaN, any +inf, any -inf, a row all -inf, smallest and largest finite score) of s (T, C),
-    in one host sync."""
+def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float, float]:
+    """(any NaN, any +inf, any -inf, a row all -inf, smallest and largest finite score, standard deviation
+    of the finite scores) of s (T, C), in one host sync."""
     forbidden = torch.isneginf(s)  # (T, C)
     finite = s.isfinite()  # (T, C)
     facts = torch.stack([s.isnan().any(), s.isposinf().any(), forbidden.any(), forbidden.all(dim=1).any()]).to(s.dtype)
     lo = torch.where(finite, s, torch.inf).amin().reshape(1)
     hi = torch.where(finite, s, -torch.inf).amax().reshape(1)
-    nan, posinf, neginf, dead_row, lo, hi = torch.cat([facts, lo, hi]).tolist()
-    return bool(nan), bool(posinf), bool(neginf), bool(dead_row), lo, hi
+    count = finite.sum().clamp(min=1)
+    big = torch.where(finite, s, 0).abs().amax().clamp(min=torch.finfo(s.dtype).tiny)  # divided out: no overflow
+    z = torch.where(finite, s / big, 0)  # (T, C) in [-1, 1]
+    std = (torch.where(finite, z - z.sum() / count, 0).square().sum() / count).sqrt().mul(big).reshape(1)
+    nan, posinf, neginf, dead_row, lo, hi, std = torch.cat([facts, lo, hi, std]).tolist()
+    return bool(nan), bool(posinf), bool(neginf), bool(dead_row), lo, hi, std
+
+
+def _feasible(allowed: Tensor, m: int) -> bool:
+    """Whether some assignment of m tokens to every cluster uses allowed pairs only.
+
+    allowed: (T, C) bool, no row all False. A max flow by augmenting paths on the C clusters, with
+    the tokens counted by pattern (a row of allowed), so that the cost does not grow with T beyond
+    one sort. The tokens of each pattern start spread evenly over its clusters; while a cluster
+    holds more than m, a breadth-first search looks for a chain of clusters a -> b -> ... -> z, each
+    holding a token allowed in the next, from an overfull a to an underfull z, and moves as many
+    tokens as fit along it. If there is none, the clusters R reachable from the overfull ones hold
+    more than m |R| tokens, all allowed only in R: Hall's condition fails, and no assignment exists.
+    """
+    pattern, n = allowed.cpu().unique(dim=0, return_counts=True)       # (P, C), (P,)
+    pat = pattern.long()                                                  # (P, C)
+    k = pat.sum(dim=1)                                                    # (P,) clusters each pattern allows
+    # the n % k extra tokens of pattern p go to its allowed clusters from the (p mod k)-th on, so
+    # that patterns of one token do not all pile into their lowest cluster
+    turn = (pat.cumsum(dim=1) - 1 - torch.arange(len(n))[:, None]) % k[:, None]   # (P, C)
+    x = (pat * (n // k)[:, None] + (pattern & (turn < (n % k)[:, None])).long()).t().contiguous()  # (C, P)
+    patt = pat.t().contiguous()                                           # (C, P)
+    load = x.sum(dim=1)                                                   # (C) tokens in each cluster
+    edge = x @ pat                                                        # (C, C) tokens in a allowed in b
+    C = allowed.shape[1]
+    for _ in range(int(allowed.shape[0]) + 1):                            # each pass moves >= 1 token home
+        over = load > m                                                   # (C)
+        if not bool(over.any()):
+            return True
+        parent = torch.full((C,), -1, dtype=torch.long)                   # (C) the cluster a move comes from
+        seen, frontier, end = over.clone(), over.nonzero().squeeze(1), -1
+        while frontier.numel() > 0 and end < 0:                           # breadth first: shortest chains
+            step = edge[frontier] > 0                                     # (F, C)
+            new = step.any(dim=0) & ~seen                                 # (C)
+            parent[new] = frontier[step[:, new].long().argmax(dim=0)]
+            seen |= new
+            frontier = new.nonzero().squeeze(1)
+            short = frontier[load[frontier] < m]
+            end = int(short[0]) if short.numel() > 0 else -1
+        if end < 0:
+            return False
+        chain = [end]
+        while parent[chain[-1]] >= 0:
+            chain.append(int(parent[chain[-1]]))                          # z, ..., a
+        amount = min(int(load[chain[-1]]) - m, m - int(load[end]),
+                     *(int(edge[a, b]) for b, a in zip(chain, chain[1:])))
+        for b, a in zip(chain, chain[1:]):                                # from z back: a's tokens are its own
+            avail = x[a] * patt[b]                                        # (P) tokens in a allowed in b
+            take = (amount - (avail.cumsum(0) - avail)).clamp(min=0).minimum(avail)  # (P)
+            x[a] -= take
+            x[b] += take
+            some = take.nonzero().squeeze(1)
+            moved = take[some] @ pat[some]                                # (C) their allowed clusters
+            edge[a] -= moved
+            edge[b] += moved
+        load[chain[-1]] -= amount
+        load[end] += amount
+    raise RuntimeError("feasibility check did not terminate; this is a bug, please report the input")
 
 
 def _bid_for(s_rows: Tensor, price: Tensor, c: Tensor, eps: float):
@@ -1164,7 +1252,7 @@ def _repair_prices(s, price, owner, eps):
     valid start for a phase, because the phase unassigns every violator.
     On inputs with many equal rows (e.g. all rows identical), this removes the
     restart at each phase almost completely.  Cost O(T*C + C^3), and at most
-    C + 2 host syncs; only used when C*C <= T.
+    C + 2 host syncs; only used when C*C <= max(T, 16384).
     """
     T, C = s.shape
     diff = s.gather(1, owner[:, None]) - s                        # (T, C) s(t,a) - s(t,b)
@@ -1201,8 +1289,12 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
         scores: ``(T, C)`` floating point tensor, of any float dtype and on any
             device.  ``-inf`` marks a forbidden token/cluster pair.  T must be
             a multiple of C, and T >= C (otherwise pad; see ``padding_scores``).
-        eps: final auction slack, > 0.  Default: ``(max - min) / (T + 1)`` over
-            the finite scores (``1 / (T + 1)`` if they are all equal).
+        eps: final auction slack, > 0.  Default: ``1e-7 * std`` rounded down
+            to a power of two, std the standard deviation of the finite scores
+            (if they are all equal, every assignment is optimal and one phase
+            with a large eps suffices), but at least ``2e-13 * (max - min)``,
+            times ``T + 2`` with -inf scores: the least that float64 resolves
+            next to the prices (and the -inf penalty).
 
     Returns:
         ``cluster``: ``(T,)`` int64 tensor on ``scores.device``.  Every cluster
@@ -1211,11 +1303,11 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     Optimality guarantee (the standard auction result):
         sum_t scores[t, cluster[t]]  >=  OPT - T * eps
         (up to float64 rounding; all work is done in float64 whatever the input
-        dtype).  With the default eps, the gap is < (max - min) * T / (T + 1),
-        i.e. less than one token's score range; in practice it is far smaller
-        (NOTES.md gives the gap measured against scipy).  For integer-valued scores
-        and ``eps < 1 / T`` the result is exactly optimal, because the total is
-        an integer within T * eps < 1 of OPT.
+        dtype).  With the default eps, the gap is at most 1e-7 * T * std; in
+        practice it is far smaller (NOTES.md gives the gap measured against
+        scipy).  For integer-valued scores and ``eps < 1 / T`` the result is
+        exactly optimal, because the total is an integer within T * eps < 1 of
+        OPT (the default eps is below 1 / T while std < 1e7 / T).
         (weak duality with the prices p, and (CS) for every token; NOTES.md gives the proof.)
 
     Algorithm: Bertsekas' forward auction with eps scaling, in Jacobi form: in
@@ -1227,7 +1319,8 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
         touching the guarantee: a cluster's holders renew their bids at current
         prices when the cluster gets new bids (_run_rounds), and between phases
         prices are adjusted by Bellman-Ford on the C clusters so that fewer
-        tokens must be unassigned (_repair_prices).
+        tokens must be unassigned (_repair_prices); if such prices satisfy (CS)
+        at the final eps already, the remaining phases are skipped.
 
     Ties and determinism: the output is a deterministic function of the input
         (only stable sorts and first-index argmax are used).  A token whose best
@@ -1238,7 +1331,8 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     -inf scores: no token is given a -inf pair when some balanced assignment
         uses only finite scores.  Internally each -inf becomes a penalty larger
         than any difference a finite assignment can make up.  If no such
-        assignment exists, ``ValueError`` is raised.
+        assignment exists, ``ValueError`` is raised at once: a max flow on the
+        C clusters checks Hall's condition before the auction (``_feasible``).
 
     Padding convention: if T is not a multiple of C, append padding tokens
         whose score row is *constant* and below every real score (``padding_scores``
@@ -1261,7 +1355,7 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     m = T // C
     dev = scores.device
     s = scores.detach().to(torch.float64)                         # (T, C)
-    nan, posinf, has_forbidden, dead_row, lo, hi = _score_facts(s)
+    nan, posinf, has_forbidden, dead_row, lo, hi, std = _score_facts(s)
     if nan:
         raise ValueError(
             "scores contain NaN; replace them before calling, e.g. with "
@@ -1280,12 +1374,27 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
             f"infeasible: token {bad} has score -inf for every cluster; give it at "
             "least one finite score (padding rows must be finite)"
         )
-    span = hi - lo if hi > lo else 1.0                            # the score range
-    if eps is None:
-        eps = span / (T + 1)
-    eps = float(eps)
-    if not (eps > 0 and math.isfinite(eps)):
+    if has_forbidden and not _feasible(~forbidden, m):           # before the auction, which would take long
+        raise ValueError(
+            "infeasible: no balanced assignment (T // C tokens per cluster) avoids the -inf "
+            "scores; allow more token/cluster pairs or relax the balance constraint"
+        )
+    eps = None if eps is None else float(eps)
+    if eps is not None and not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite number, got {eps}")
+    # Work in units of a power of two 2^e >= max |score|: exact, and the span, the penalty and the
+    # prices below cannot overflow float64 however large the scores (1e308) are.
+    unit = math.ldexp(1.0, -max(math.frexp(max(-lo, hi))[1], 0))
+    s, lo, hi, std = s * unit, lo * unit, hi * unit, std * unit
+    span = hi - lo if hi > lo else 1.0                            # the score range
+    if eps is None:  # T * eps bounds the gap: 1e-7 * T * std (all scores equal: every assignment is optimal)
+        # rounded down to a power of two, so that std's last bits (a sum, rounded differently on
+        # each device) do not change the result
+        eps = math.ldexp(1.0, math.frexp(_EPS_PER_STD * std)[1] - 1) if std > 0 else span
+        # but not below what float64 resolves next to the prices: about span, or T * span with -inf penalties
+        eps = max(eps, 2 * _MIN_EPS_REL * span * (T + 2 if has_forbidden else 1))
+    else:
+        eps *= unit
 
     if C == 1:                                                    # nothing to decide
         if has_forbidden:
@@ -1306,8 +1415,8 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     # Prices stay within a few `scale` of 0, and eps must not vanish next to them.
     if eps < _MIN_EPS_REL * scale:
         raise ValueError(
-            f"eps={eps:g} is too small for float64 arithmetic at score scale {scale:g}; "
-            f"use eps >= {_MIN_EPS_REL * scale:g}"
+            f"eps={eps / unit:g} is too small for float64 arithmetic at score scale {scale / unit:g}; "
+            f"use eps >= {_MIN_EPS_REL * scale / unit:g}"
         )
 
     # Phase 0 starts from zero prices and no holders: every slot is empty, at price 0.
@@ -1316,11 +1425,16 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     slot_tok = torch.full((C, m), T, dtype=torch.long, device=dev)          # (C, m)
     bidders = torch.arange(T, device=dev)                                   # (T)
     cluster = None
+    repair = C * C <= max(T, 1 << 14)  # Bellman-Ford's O(C^3) is small next to a phase's O(T * C) or its rounds
     for phase, eps_k in enumerate(_eps_schedule(span, eps)):    # eps decreasing
         if phase > 0:
+            # if some prices let every token satisfy (CS) at the final eps, the assignment is
+            # already within T * eps of the optimum, and the remaining phases are not needed
+            if repair and _n_violators(s, _repair_prices(s, price, cluster, eps), cluster, eps) == 0:
+                break
             # keep the previous phase's prices (possibly repaired) and every
             # token that still satisfies (CS) at the smaller eps
-            if C * C <= T:
+            if repair:
                 price = _repair_prices(s, price, cluster, eps_k)
             slot_bid, slot_tok, price, bidders = _start_phase(s, price, cluster, eps_k, m)
         _run_rounds(s, price, slot_bid, slot_tok, bidders, eps_k, m)   # until all assigned
@@ -1328,11 +1442,8 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     # Now every token holds a cluster, every cluster is full, and (CS) holds at
     # the final eps, so the total is within T * eps of the optimum.
 
-    if has_forbidden and bool(forbidden.gather(1, cluster[:, None]).any()):
-        raise ValueError(
-            "infeasible: no balanced assignment (T // C tokens per cluster) avoids the -inf "
-            "scores; allow more token/cluster pairs or relax the balance constraint"
-        )
+    if has_forbidden and bool(forbidden.gather(1, cluster[:, None]).any()):  # _feasible said one avoids them
+        raise RuntimeError("the auction used a -inf pair of a feasible input; this is a bug, please report the input")
     return cluster
 
 
@@ -1433,6 +1544,7 @@ class TokenClustering(nn.Module):
         for autoregressive inference: a decoder's tokens at one step are too few, and too alike,
         to be split evenly); the split sizes then vary, and the sort is hard.
         """
+        _check_input(x, pad_mask, self.router.in_features, "TokenClustering")
         topo = self.topology
         t, d = x.shape
         W, G = topo.world_size, topo.ranks_per_node
