@@ -847,7 +847,7 @@ def sweep_report(args: argparse.Namespace) -> None:
     groups: dict[str, list[dict]] = {}
     for r in runs:
         groups.setdefault(r["variant"], []).append(r)
-    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
+    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan")  # noqa: E731  (one seed: no spread)
     rows = []
     for name, rs in groups.items():
         bleu, loss = [r["bleu"] for r in rs], [r["valid_loss"] for r in rs]
@@ -862,8 +862,10 @@ def sweep_report(args: argparse.Namespace) -> None:
              "mean BLEU at steps |", "|---|---|---:|---:|---:|---|"]
     for r in rows:
         curve = ", ".join(f"{s}: {b:.1f}" for s, b in r["curve"].items())
+        spread = lambda v, f: "" if math.isnan(v) else f" ± {v:{f}}"  # noqa: E731
         lines.append(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {r['inter_mb']:.2f} | "
-                     f"{r['bleu']:.1f} ± {r['bleu_sd']:.1f} | {r['loss']:.3f} ± {r['loss_sd']:.3f} | {curve} |")
+                     f"{r['bleu']:.1f}{spread(r['bleu_sd'], '.1f')} | {r['loss']:.3f}{spread(r['loss_sd'], '.3f')} | "
+                     f"{curve} |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
@@ -876,7 +878,8 @@ def sweep_report(args: argparse.Namespace) -> None:
     for fam in dict.fromkeys(r["family"] for r in rows):
         pts = sorted((r for r in rows if r["family"] == fam), key=lambda r: r["inter_mb"])
         for ax, key in zip(axes, ("bleu", "loss")):
-            ax.errorbar([r["inter_mb"] for r in pts], [r[key] for r in pts], yerr=[r[key + "_sd"] for r in pts],
+            ax.errorbar([r["inter_mb"] for r in pts], [r[key] for r in pts],
+                        yerr=[0 if math.isnan(r[key + "_sd"]) else r[key + "_sd"] for r in pts],
                         marker="o", capsize=3, label=fam)
     axes[0].set(xlabel="inter-node MB per step (all ranks)", ylabel="BLEU (mean ± sd over seeds)", title="quality")
     axes[1].set(xlabel="inter-node MB per step (all ranks)", ylabel="teacher-forced valid loss", title="loss")
@@ -1265,9 +1268,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[task(), moe(), training(), cost(), procs()], formatter_class=fmt,
                           help="(default) the classroom demo: GShard, node-limited, Seq, Feat, Seq + clustering",
-                          description="Train each variant at one locality point, then compare quality, bytes per "
-                                      "link and the step time predicted on a stated cluster.")
-    demo.set_defaults(steps=300, fail_at_step=None)
+                          description="Train each variant at one locality point on a small task (4 languages, "
+                                      "4 + 4 layers, a short budget that fits 5 minutes on 2 cores), then compare "
+                                      "quality, bytes per link, each rank's traffic, and the step time predicted "
+                                      "on a stated cluster.")
+    demo.set_defaults(steps=200, languages=4, train_pairs=4000, layers=4, fail_at_step=None)
 
     train = sub.add_parser("train", parents=[task(), moe(), training(), cost(), procs()], formatter_class=fmt,
                            help="train one variant", description="Train one variant and evaluate it.")
