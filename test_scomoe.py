@@ -1956,6 +1956,18 @@ def test_demo_trains_every_variant_and_writes_the_table(tmp_path):
     assert "speed-up" in stdout and "1.00x" in stdout and "node boundaries" in stdout
 
 
+def test_the_authors_options_reach_the_layers(tmp_path):
+    """train --batch-prioritized-routing --local-no-capacity --eval-capacity-token-fraction 0.5 builds every
+    MoE layer with those settings and trains (4 processes, Seq)."""
+    args = toy.parse_args(["train", "--moe", "seq", "--batch-prioritized-routing", "--local-no-capacity",
+                           "--eval-capacity-token-fraction", "0.5"])
+    cfg = toy.moe_config(args)
+    assert cfg.batch_prioritized_routing and cfg.local_no_capacity and cfg.eval_capacity_token_fraction == 0.5
+    [result], _ = run_trainer(tmp_path, "train", "--moe", "seq", "--batch-prioritized-routing", "--local-no-capacity",
+                              "--eval-capacity-token-fraction", "0.5", "--steps", "3")
+    assert result["steps"] == 3 and 0 <= result["bleu"] <= 100
+
+
 def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
     """A run stopped at a checkpoint and resumed produces exactly the loss sequence of a run that was
     never interrupted (same data, optimizer state, RNG); shared parameters are saved once, each rank's
@@ -2084,6 +2096,7 @@ def test_cli_rejects_cuda_without_a_gpu(capsys):
     (["train", "--moe", "seq", "--token-cluster", "--cluster-assign", "argmax"],
      "--cluster-assign argmax needs .* sigmoid"),
     (["train", "--moe", "dense", "--reorder-layers"], "--reorder-layers needs an MoE variant"),
+    (["train", "--eval-capacity-token-fraction", "2"], "eval_capacity_token_fraction"),
 ])
 def test_cli_errors(argv, message, capsys):
     """Bad command-line values stop the program with a message naming the value, before any process starts."""

@@ -452,7 +452,9 @@ def moe_config(args: argparse.Namespace) -> sc.MoEConfig:
     """The MoE layers' settings from the command line."""
     return sc.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn, num_experts=args.experts,
                         capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2,
-                        feat_multiple=args.feat_multiple)
+                        feat_multiple=args.feat_multiple, batch_prioritized_routing=args.batch_prioritized_routing,
+                        eval_capacity_token_fraction=args.eval_capacity_token_fraction,
+                        local_no_capacity=args.local_no_capacity)
 
 
 def cluster_route(args: argparse.Namespace, topo: sc.Topology) -> str:
@@ -1201,6 +1203,12 @@ def _flags_moe() -> argparse.ArgumentParser:
     g.add_argument("--ratio2", type=float, default=0.5, help="beta: share served inside the node")
     g.add_argument("--feat-multiple", type=int, default=8,
                    help="Feat slice widths are rounded down to a multiple of this (8 keeps GEMMs aligned; 1: exact)")
+    g.add_argument("--batch-prioritized-routing", action="store_true",
+                   help="the authors' option: within capacity, tokens with the highest top gate value take slots first")
+    g.add_argument("--eval-capacity-token-fraction", type=float, default=None,
+                   help="the authors' option: at evaluation, ceil(fraction x tokens) slots per expert (they use 0.5)")
+    g.add_argument("--local-no-capacity", action="store_true",
+                   help="the authors' option: the local tier (Seq, Feat) never drops a token")
     g.add_argument("--d-model", type=int, default=64, help="model width")
     g.add_argument("--d-ffn", type=int, default=128, help="hidden width of the dense FFNs and of every expert")
     return p
