@@ -913,7 +913,7 @@ def trace(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> 
         tokens = info.tokens.tolist() if info.tokens is not None else list(range(x.shape[0]))
         r = info.routing
         if tier == "peers":  # node-limited routing's first hop: each token's node
-            rows += [(topo.rank, tok, "node?", f"node {j}{'' if kept else ' (dropped)'}")
+            rows += [(topo.rank, tok, "peers", f"to node {j}{'' if kept else ' (dropped)'}")
                      for tok, j, kept in zip(tokens, r.expert[:, 0].tolist(), r.kept[:, 0].tolist())]
             continue
         if r.expert.shape[0] != len(tokens):  # its second hop routes the slots it received, not its tokens
