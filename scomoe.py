@@ -2,8 +2,8 @@
 
 A reference implementation of Zeng and Xiong, "SCoMoE: Efficient Mixtures of Experts with Structured Communication"
 (ICLR 2023), in one file, to be read beside the paper; NOTES.md maps every element of the method to the code below
-and records each choice the paper leaves open. Sections: the machinery and the configuration, then the method in the
-order of the paper, then the algorithm behind its balanced router.
+and records each choice the paper leaves open (the why of most docstrings here). Sections: the machinery and the
+configuration, then the method in the order of the paper, then the algorithm behind its balanced router.
   1. Topology and process groups      ranks, nodes, and the local/node/world groups
   2. All-to-all with a link ledger    a differentiable collective that counts bytes per link class
   3. Configuration                    one dataclass, validated before any collective runs
@@ -24,9 +24,8 @@ Shape letters used in comments:
   t  tokens on this rank (a batch, flattened)    d  model width (or a Feat slice of it)
   f  expert hidden width                         e  experts a gate chooses among
   n  experts on each rank (E / W)                c  capacity: buffer slots per expert
-  k  experts per token (2; 1 where a gate has a single expert)
-  g  ranks in a communication group              W, G, N  world size, ranks per node, nodes
-  T, C, m  the balanced assignment's tokens, clusters, and tokens per cluster (T / C)
+  k  experts per token (2, or 1 for one expert)  g  ranks in a communication group
+  W, G, N  world size, ranks per node, nodes     T, C, m  balanced assignment: tokens, clusters, T / C
   U, R, K  an auction round's bidders, clusters that get bids, and most bids on one cluster
 """
 
@@ -51,19 +50,16 @@ Splits = Optional[list[int]]  # rows to or from each member of a group; None: an
 def _floor(x: float) -> int:
     """floor(x) with float noise removed: 0.29 * 100 = 28.999999999999996 counts as 29."""
     return math.floor(round(x, 9))
-
 def _ceil(x: float) -> int:
     """ceil(x) with float noise removed: 1.1 * 2 * 100 / 4 = 55.00000000000001 counts as 55."""
     return math.ceil(round(x, 9))
 
-# ----------------------------------------------------------------------------
-# 1. Topology and process groups (paper: "Topology")
+# --- 1. Topology and process groups (paper: "Topology") ---------------------------------------------------------------
 
 def link_class(src: int, dst: int, ranks_per_node: int) -> str:
     """The link a byte crosses from rank src to rank dst: same device, same node, or another node."""
-    if src == dst:
-        return "intra_device"
-    return "intra_node" if src // ranks_per_node == dst // ranks_per_node else "inter_node"
+    same_node = src // ranks_per_node == dst // ranks_per_node
+    return "intra_device" if src == dst else "intra_node" if same_node else "inter_node"
 
 @dataclass(frozen=True)
 class CommGroup:
@@ -117,8 +113,7 @@ class Topology:
     def with_local_copies(self) -> Topology:
         """This topology with every collective a local copy of the same shape (the benchmark's compute-only run):
         every rank is assumed to hold as many tokens as this one; the ledger still counts what a real run sends."""
-        copies = {k: LocalCopyGroup(g.name, g.ranks, g.group, g.links)
-                  for k, g in (("node", self.node), ("world", self.world), ("peers", self.peers))}
+        copies = {k: LocalCopyGroup(**vars(getattr(self, k))) for k in ("node", "world", "peers")}  # the same fields
         return dataclasses.replace(self, **copies)
     def link(self, other: int) -> str:
         """The link class a byte crosses from this rank to rank `other`."""
@@ -127,8 +122,8 @@ class Topology:
         """Every rank's `count` (a host integer such as a token count), in rank order."""
         return [values[0] for values in self.gather_lists([count])]
     def gather_lists(self, values: Sequence[int]) -> list[list[int]]:
-        """Every rank's list of host integers (the same length on every rank), in rank order, over a gloo group on
-        the CPU, so that a GPU stream never waits on it. Under local copies every rank holds this rank's values."""
+        """Every rank's list of host integers (as long on every rank), in rank order, over a gloo group on the CPU, so
+        that a GPU stream never waits on it. Under local copies every rank holds this rank's values."""
         if self.world_size == 1 or self.local_copy:
             return [list(values)] * self.world_size
         mine = torch.tensor(list(values), dtype=torch.int64)
@@ -137,17 +132,16 @@ class Topology:
         return [e.tolist() for e in every]
 
 def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
-    """Derive this rank's place and create its process groups explicitly. ranks_per_node: G; default LOCAL_WORLD_SIZE
-    as torchrun sets it (without torchrun, one node); pass it to emulate nodes on one host (4 processes with
-    ranks_per_node=2 are 2 nodes of 2 ranks). Without an initialised torch.distributed this is a world of one. Every
-    rank must call this, in the same order relative to other group creation: every rank creates every group."""
+    """This rank's place and process groups. ranks_per_node: G; default LOCAL_WORLD_SIZE as torchrun sets it, else one
+    node; pass it to emulate nodes on one host (4 processes, ranks_per_node=2: 2 nodes of 2). Without torch.distributed:
+    a world of one. Every rank calls this, in one order relative to other group creation: each creates every group."""
     initialised = dist.is_available() and dist.is_initialized()
     world_size = dist.get_world_size() if initialised else 1
     rank = dist.get_rank() if initialised else 0
     if ranks_per_node is None:
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if initialised else 1
     if not isinstance(ranks_per_node, int) or ranks_per_node < 1:
-        raise ValueError(f"ranks_per_node={ranks_per_node!r} must be a positive integer (the ranks that share one node)")
+        raise ValueError(f"ranks_per_node={ranks_per_node!r} must be a positive integer (the ranks that share a node)")
     if world_size % ranks_per_node != 0:
         raise ValueError(f"world size {world_size} is not divisible by ranks_per_node={ranks_per_node}: every node "
                          f"must hold the same number of ranks; choose a divisor of {world_size}")
@@ -155,34 +149,28 @@ def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
     node_rank, local_rank = rank // G, rank % G
     nodes = [list(range(n * G, (n + 1) * G)) for n in range(N)]  # the ranks of each node
     slots = [list(range(s, world_size, G)) for s in range(G)]  # the ranks at each local slot, one per node
-
     def own_group(sets: list[list[int]], mine: int) -> Optional[dist.ProcessGroup]:
         """Every rank creates every group of `sets`, in order, and keeps its own (the world's if it is the world)."""
         if not initialised or len(sets[0]) == 1:
             return None
         return dist.group.WORLD if len(sets) == 1 else [dist.new_group(ranks) for ranks in sets][mine]
-
     def comm_group(name: str, ranks: list[int], group) -> CommGroup:
         return CommGroup(name, tuple(ranks), group, tuple(link_class(rank, r, G) for r in ranks))
-
     node_group, peer_group = own_group(nodes, node_rank), own_group(slots, local_rank)  # in this order on every rank
-    host_group = None
-    if world_size > 1:  # a gloo group for host integers, whatever the backend
-        host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    host_group = None if world_size == 1 else (  # a gloo group for host integers, whatever the backend
+        dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
     return Topology(rank, world_size, G, N, node_rank, local_rank, comm_group("local", [rank], None),
                     comm_group("node", nodes[node_rank], node_group),
                     comm_group("world", list(range(world_size)), dist.group.WORLD if world_size > 1 else None),
                     comm_group("peers", slots[local_rank], peer_group), host_group)
 
-# ----------------------------------------------------------------------------
-# 2. All-to-all with a link ledger (paper: "The problem")
+# --- 2. All-to-all with a link ledger (paper: "The problem") ----------------------------------------------------------
 
 class CommLedger:
-    """Bytes this rank handed to each link class, by tag and direction: plain data that a caller reads and resets
-    (each MoE layer owns one); the library never prints it. Keys: tag (e.g. the tier), direction ("forward" or
-    "backward"), link ("intra_device", "intra_node", "inter_node")."""
+    """Bytes this rank handed to each link class, by tag (e.g. the tier), direction ("forward" or "backward") and link:
+    plain data that a caller reads and resets (each MoE layer owns one); the library never prints it."""
     def __init__(self) -> None:
-        self.bytes: dict[tuple[str, str, str], int] = {}
+        self.bytes: dict[tuple[str, str, str], int] = {}  # (tag, direction, link) -> bytes
         self.calls: dict[tuple[str, str], int] = {}
         self.to_rank: dict[int, int] = {}  # global rank -> bytes handed to it (every tag and direction)
     def record(self, tag: str, direction: str, sent: Sequence[int], group: CommGroup) -> None:
@@ -212,7 +200,6 @@ def _all_to_all_single(x: Tensor, group: CommGroup, send: Splits, recv: Splits, 
         ledger.record(tag, direction, [r * row_bytes for r in sent], group)
     group.exchange(out, x, send, recv)
     return out
-
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single whose backward is the reverse all-to-all (send and receive splits swapped)."""
     @staticmethod
@@ -226,9 +213,8 @@ class _AllToAll(torch.autograd.Function):
 
 def all_to_all(x: Tensor, group: CommGroup, send_splits: Splits = None, recv_splits: Splits = None, *,
                ledger: Optional[CommLedger] = None, tag: str = "") -> Tensor:
-    """Differentiable all-to-all along dim 0: rows [sum(send_splits[:j]), ...) go to group member j; x: (rows, ...)
-    -> (sum(recv_splits), ...). Without splits, rows are split evenly. On a group of one rank it returns x itself and
-    records nothing."""
+    """Differentiable all-to-all along dim 0: rows [sum(send_splits[:j]), ...) go to group member j; (rows, ...) ->
+    (sum(recv_splits), ...), split evenly without splits. On a group of one rank: x itself, and nothing recorded."""
     if group.size == 1:
         return x
     if (send_splits is None) != (recv_splits is None):
@@ -237,13 +223,11 @@ def all_to_all(x: Tensor, group: CommGroup, send_splits: Splits = None, recv_spl
         raise ValueError(f"{x.shape[0]} rows do not split evenly over {group.size} ranks: pass send/recv splits")
     return _AllToAll.apply(x, group, send_splits, recv_splits, ledger, tag)
 
-# ----------------------------------------------------------------------------
-# 3. Configuration
+# --- 3. Configuration -------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """One MoE layer's settings (sections 5 to 8), every value checked here, before any collective runs; the layers
-    check the rest against the topology (E divisible by W, Feat slices)."""
+    """One MoE layer's settings (sections 5 to 8), checked here before any collective runs (the layers check E / W)."""
     d_model: int  # model width d
     d_ffn: int  # hidden width of each expert's FFN
     num_experts: int  # E: experts in the whole world; each rank holds E / W of them
@@ -254,9 +238,8 @@ class MoEConfig:
     normalize_before_drop: bool = False  # True: GShard's paper; False: fairseq (kept weights renormalised)
     activation: str = "relu"  # expert FFN activation: "relu" or "gelu"
     feat_multiple: int = 8  # Feat slice widths are rounded down to a multiple of this (aligned GEMMs); 1: exact
-    # the authors' options (fairseq's): slots by first-choice gate value (the authors train with it; top2_gating),
-    # ceil(fraction * tokens) slots in eval mode (they evaluate with 0.5), and a local tier that never drops a token
-    # (both in _tier_capacity)
+    # the authors' (fairseq's) options: slots by first-choice gate value (they train with it), ceil(fraction * tokens)
+    # slots in eval mode (they evaluate with 0.5), a local tier that never drops a token: top2_gating, _MoELayer._tier
     batch_prioritized_routing: bool = False
     eval_capacity_token_fraction: Optional[float] = None  # None: the training formula at eval time too
     local_no_capacity: bool = False
@@ -291,8 +274,7 @@ def make_moe_layer(kind: str, cfg: MoEConfig, topology: Topology) -> nn.Module:
         raise ValueError(f"kind={kind!r} must be one of {sorted(layers)}")
     return layers[kind](cfg, topology)
 
-# ----------------------------------------------------------------------------
-# 4. GShard top-2 gating (GShard, Lepikhin et al. 2020, Algorithm 2)
+# --- 4. GShard top-2 gating (GShard, Lepikhin et al. 2020, Algorithm 2) -----------------------------------------------
 
 class Routing(NamedTuple):
     """Where each token goes: the result of a gate, as index tensors."""
@@ -311,25 +293,21 @@ class Routing(NamedTuple):
 def expert_capacity(tokens: int, experts: int, k: int, capacity_factor: float) -> int:
     """Buffer slots per expert: C = ceil(capacity_factor * k * tokens / experts) (k = 2, factor 1: GShard's 2S/E)."""
     return _ceil(capacity_factor * k * tokens / experts)
-
 def inverse_permutation(order: Tensor) -> Tensor:
     """The positions p with order[p] = i, i.e. xs == xs[order][inverse_permutation(order)]: (m,) -> (m,)."""
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
 
 def assign_slots(expert: Tensor, real: Tensor, e: int, capacity: int,
                  priority: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Buffer slots for the assignments expert (t, k) of the real tokens (t,), `capacity` per expert: every first
-    choice is placed (in token order, or in the order `priority` (t,) lists the tokens) before any second choice, so an
-    assignment's slot is the number of earlier assignments to its expert in that choice-major order, which a stable
-    sort by expert gives. Returns slot, kept and place (t, k) (as in Routing) and source (e * c,)."""
-    t, k = expert.shape
-    device = expert.device
+    """Slots for the assignments expert (t, k) of the real tokens (t,), every first choice before any second choice,
+    in token order or in `priority`'s (t,): slot, kept, place (t, k) as in Routing, and source (e * c,)."""
+    (t, k), device = expert.shape, expert.device
     ranked, ranked_real = (expert, real) if priority is None else (expert[priority], real[priority])
-    key = ranked.t().reshape(-1).masked_fill(~ranked_real.repeat(k), e)  # (k*t,): padding after every expert
-    order = key.sort(stable=True).indices  # (k*t,)
+    key = ranked.t().reshape(-1).masked_fill(~ranked_real.repeat(k), e)  # (k*t,) choice-major; padding after all
+    order = key.sort(stable=True).indices  # (k*t,): a stable sort by expert keeps the choice-major order
     count = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
     start = count.cumsum(0) - count  # (e+1,): where each expert's run begins in `order`
-    slot = (inverse_permutation(order) - start[key]).view(k, t).t()  # (t, k): rank in the sort - run start
+    slot = (inverse_permutation(order) - start[key]).view(k, t).t()  # (t, k): earlier assignments to its expert
     if priority is not None:
         slot = slot.index_select(0, inverse_permutation(priority))  # rows back to token order
     kept = real[:, None] & (slot < capacity)  # (t, k)
@@ -350,35 +328,30 @@ def _load_balancing_loss(gates: Tensor, first: Tensor, real: Tensor) -> Tensor:
 def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None, *,
                 second_expert: str = "argmax", normalize_before_drop: bool = False,
                 generator: Optional[torch.Generator] = None, batch_prioritized: bool = False) -> Routing:
-    """GShard's top-2 gating (Algorithm 2), as fairseq's top2gate does it. logits: (t, e); pad_mask: (t,) True for
-    padding, which takes no slot, gets weight 0 and is left out of the aux loss. One expert: k = 1. The options are
-    MoEConfig's: second_expert="sampling" adds Gumbel noise to the logits (fairseq's policy); normalize_before_drop
-    scales g1, g2 to sum 1 before the capacity check (GShard's paper), else the kept weights are renormalised after
-    (fairseq); batch_prioritized: within each choice, tokens take slots by descending first-choice gate value (ties:
-    token order), first choices still before second choices (which are ordered by the first-choice gate too)."""
-    t, e = logits.shape
+    """GShard's top-2 gating (Algorithm 2) as fairseq's top2gate does it, over logits (t, e) (k = 1 if e = 1); padding
+    (pad_mask (t,)) takes no slot, gets weight 0 and no part in the aux loss. The options are MoEConfig's."""
+    (t, e), device = logits.shape, logits.device
     k = min(2, e)
-    device = logits.device
     real = torch.ones(t, dtype=torch.bool, device=device) if pad_mask is None else ~pad_mask
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in float32 at least
     gates = logits.softmax(dim=-1)  # (t, e)   g = softmax(x W_g)
     first = gates.argmax(dim=-1)  # (t,)
     if k == 2:
         others = logits.scatter(1, first[:, None], float("-inf"))  # (t, e): the first choice removed
-        if second_expert == "sampling":
+        if second_expert == "sampling":  # fairseq's policy: Gumbel noise on the logits
             uniform = torch.rand(others.shape, generator=generator, device=device, dtype=others.dtype)
             others = others - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
         expert = torch.stack([first, others.argmax(dim=-1)], dim=1)  # (t, k)
     else:
         expert = first[:, None]  # (t, 1)
-    g_first = gates.gather(1, first[:, None]).squeeze(1)  # (t,)
-    priority = g_first.sort(descending=True, stable=True).indices if batch_prioritized else None  # (t,)
+    # batch-prioritized: within each choice, slots by descending first-choice gate value (ties: token order)
+    priority = (gates.gather(1, first[:, None]).squeeze(1).sort(descending=True, stable=True).indices
+                if batch_prioritized else None)  # (t,)
     slot, kept, place, source = assign_slots(expert, real, e, capacity, priority)
     gate = gates.gather(1, expert)  # (t, k)   g_1, g_2
-    if normalize_before_drop:
-        gate = gate / gate.sum(dim=-1, keepdim=True)  # g_i <- g_i / (g_1 + g_2)
-        weight = gate * kept
-    else:
+    if normalize_before_drop:  # GShard's paper: g_i <- g_i / (g_1 + g_2) before the capacity check
+        weight = gate / gate.sum(dim=-1, keepdim=True) * kept
+    else:  # fairseq: the kept weights renormalised
         gate = gate * kept
         weight = gate / gate.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps)
     load = torch.zeros(e, dtype=torch.long, device=device).scatter_add_(0, expert.reshape(-1), kept.reshape(-1).long())
@@ -388,16 +361,14 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
     return Routing(expert, slot, place, weight, kept, source, capacity, aux_loss, load, assigned, dropped)
 
 def _take_rows(x: Tensor, index: Tensor, zero_missing: bool) -> Tensor:
-    """x[index] along dim 0: (n, ...) -> (m, ...); where index is -1, 0 (zero_missing) or a row the caller never reads."""
+    """x[index] along dim 0: (n, ...) -> (m, ...); where index is -1, 0 (zero_missing) or a row never read."""
     if x.shape[0] == 0:  # nothing to take: every index is -1
         return x.new_zeros(index.shape[0], *x.shape[1:])
     rows = x.index_select(0, index.clamp(min=0))
     return rows.masked_fill((index < 0).view(-1, *[1] * (x.dim() - 1)), 0) if zero_missing else rows
-
 class _GatherRows(torch.autograd.Function):
-    """y = x[index] (rows) whose backward is a gather as well. Rows of y where index is -1 are never read by the caller
-    (they hold an arbitrary row of x) and get no gradient. inverse[i] lists the rows of y that read row i of x (-1:
-    none), so grad_x[i] = sum_j grad_y[inverse[i, j]] needs no scatter-add: no atomics, and the same bits every run."""
+    """y = x[index] (rows) whose backward is a gather too: inverse[i] lists the rows of y reading row i of x (-1: none),
+    so grad_x[i] = sum_j grad_y[inverse[i, j]] needs no scatter-add: no atomics, and the same bits on every run."""
     @staticmethod
     def forward(ctx, x, index, inverse):
         ctx.save_for_backward(inverse)
@@ -409,22 +380,18 @@ class _GatherRows(torch.autograd.Function):
         return g.sum(dim=1) if inverse.shape[1] > 1 else g.squeeze(1), None, None
 
 def dispatch(x: Tensor, routing: Routing, num_experts: int) -> Tensor:
-    """Gather each expert's tokens into its capacity buffer: (t, d) -> (e, c, d). Empty slots hold an arbitrary token
-    whose expert output `combine` never reads (no gradient)."""
+    """Each expert's tokens in its capacity buffer: (t, d) -> (e, c, d); `combine` never reads an empty slot."""
     k, c = routing.expert.shape[1], routing.capacity
     token = routing.source.div(k, rounding_mode="floor")  # (e*c,): the token in each slot; -1 if empty
     return _GatherRows.apply(x, token, routing.place).view(num_experts, c, x.shape[1])  # (e, c, d)
-
 def combine(expert_out: Tensor, routing: Routing) -> Tensor:
-    """Weighted sum of each token's expert outputs: (e, c, d) -> (t, d); y_t = sum_i w_ti * FFN_{e_ti}(x_t), w = 0 where
-    dropped."""
+    """y_t = sum_i w_ti * FFN_{e_ti}(x_t) (w = 0 where dropped): (e, c, d) -> (t, d)."""
     e, c, d = expert_out.shape
     t, k = routing.expert.shape
     picked = _GatherRows.apply(expert_out.reshape(e * c, d), routing.place.reshape(-1), routing.source[:, None])
     return (routing.weight.to(picked.dtype)[..., None] * picked.view(t, k, d)).sum(dim=1)  # (t, d)
 
-# ----------------------------------------------------------------------------
-# 5. The GShard MoE layer
+# --- 5. The GShard MoE layer ------------------------------------------------------------------------------------------
 
 class Experts(nn.Module):
     """n position-wise FFNs, FFN(x) = act(x W1 + b1) W2 + b2, evaluated as one batched matmul."""
@@ -436,9 +403,8 @@ class Experts(nn.Module):
         self.reset_parameters()
     def reset_parameters(self) -> None:
         # as nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
-        for w, b, fan_in in ((self.w1, self.b1, self.d_model), (self.w2, self.b2, self.d_ffn)):
-            nn.init.uniform_(w, -fan_in**-0.5, fan_in**-0.5)
-            nn.init.uniform_(b, -fan_in**-0.5, fan_in**-0.5)
+        for p, fan_in in zip((self.w1, self.b1, self.w2, self.b2), (self.d_model,) * 2 + (self.d_ffn,) * 2):
+            nn.init.uniform_(p, -fan_in**-0.5, fan_in**-0.5)
     def forward(self, x: Tensor) -> Tensor:  # (n, c, d) -> (n, c, d)
         h = torch.baddbmm(self.b1, x, self.w1)  # (n, c, f)
         h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
@@ -450,13 +416,11 @@ class Tier(NamedTuple):
     group: CommGroup
     capacity: int  # c: slots per expert, the same on every member
     ledger: Optional[CommLedger] = None  # where the bytes are counted
-
 class TierRouting(NamedTuple):
     """What one tier (or the whole GShard layer) did with its tokens."""
     tokens: Optional[Tensor]  # (t_tier,) positions of the tier's tokens in the layer input; None: all
     first_expert: int  # global id of the tier's expert 0 (its experts are contiguous)
     routing: Routing
-
 class MoEOutput(NamedTuple):
     y: Tensor  # (t, d) layer output; 0 for padding
     aux_loss: Tensor  # () load-balancing loss (mean over the tiers that hold real tokens)
@@ -464,9 +428,8 @@ class MoEOutput(NamedTuple):
 
 def send_to_experts(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], tier: Tier,
                     cfg: MoEConfig) -> tuple[Routing, Tensor]:
-    """Gate over the e = g * n experts of the tier's g members (logits (t, e)), dispatch x (t, d), and send each expert
-    its slots. Every member calls this with the same capacity c. Returns the routing and this rank's expert input
-    (n, g * c, d): each of its n experts' slots from every member."""
+    """Gate x (t, d) over the e = g * n experts of the tier's g members (logits (t, e); one capacity on every member),
+    dispatch, and send: the routing, and this rank's expert input (n, g * c, d), its slots from every member."""
     d, g = x.shape[1], tier.group.size
     n = logits.shape[1] // g
     routing = top2_gating(logits, tier.capacity, pad_mask, second_expert=cfg.second_expert,
@@ -476,31 +439,17 @@ def send_to_experts(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], tier:
     send = dispatch(x, routing, g * n)  # (g*n, c, d): member-major, as the experts live
     recv = all_to_all(send.view(g * n * c, d), tier.group, ledger=tier.ledger, tag=tier.name)  # member j's (n, c, d)
     return routing, recv.view(g, n, c, d).transpose(0, 1).reshape(n, g * c, d)  # (n, g*c, d)
-
 def return_from_experts(h: Tensor, routing: Routing, tier: Tier) -> Tensor:
     """Send the experts' outputs (n, g * c, d) back to their tokens' ranks and combine: (t, d)."""
     n, d, g, c = h.shape[0], h.shape[2], tier.group.size, routing.capacity
     back = h.view(n, g, c, d).transpose(0, 1).reshape(g * n * c, d)  # (g*n*c, d): member j's slots together
     out = all_to_all(back, tier.group, ledger=tier.ledger, tag=tier.name).view(g * n, c, d)  # (g*n, c, d)
     return combine(out, routing)  # (t, d)
-
 def moe_tier(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], tier: Tier, experts: Experts,
              cfg: MoEConfig) -> tuple[Tensor, Routing]:
     """One MoE over the tier's experts: gate -> dispatch -> all-to-all -> experts -> all-to-all -> combine."""
     routing, h = send_to_experts(x, logits, pad_mask, tier, cfg)
     return return_from_experts(experts(h), routing, tier), routing
-
-def _tier_capacity(largest: int, first: int, last: int, cfg: MoEConfig, training: bool = True,
-                   tier: str = "global") -> int:
-    """Slots per expert of a gate over experts [first, last), from the group's largest real-token count in the tier:
-    the local tier with cfg.local_no_capacity gets `largest`, the least that cannot bind (an expert takes at most one
-    slot per token); eval mode with cfg.eval_capacity_token_fraction, ceil(fraction * largest) whatever the experts, k
-    or capacity_factor; otherwise ceil(capacity_factor * k * largest / experts)."""
-    if tier == "local" and cfg.local_no_capacity:
-        return largest
-    if not training and cfg.eval_capacity_token_fraction is not None:
-        return _ceil(cfg.eval_capacity_token_fraction * largest)
-    return expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
 
 def _check_input(x: Tensor, pad_mask: Optional[Tensor], d_model: int, layer: str) -> None:
     """x must be (t, d_model) and pad_mask, if given, a (t,) bool tensor; shapes and dtypes only, no host sync."""
@@ -513,18 +462,15 @@ def _check_input(x: Tensor, pad_mask: Optional[Tensor], d_model: int, layer: str
         got = f"{pad_mask.dtype} of shape {tuple(pad_mask.shape)}" if is_mask else type(pad_mask).__name__
         raise ValueError(f"{layer}: pad_mask must be a bool tensor of shape ({x.shape[0]},), one flag per token "
                          f"of x, got {got}; e.g. pad_mask.reshape(-1).bool()")
-
 def _real_tokens(t: int, pad_mask: Optional[Tensor]) -> int:
     """Real tokens as a host integer: the layers' one device-to-host copy, only with a mask (capacities are shapes)."""
     return t if pad_mask is None else t - int(pad_mask.sum())
-
 def _mean_aux(losses: list[Tensor], like: Tensor) -> Tensor:
     """The mean of the tiers' auxiliary losses (0 when no tier ran)."""
     return torch.stack(losses).mean() if losses else like.new_zeros((), dtype=torch.float32)
 
 class _MoELayer(nn.Module):
-    """What every MoE layer holds: the config and topology, n = E / W experts per rank (E not a multiple of W raises
-    before any collective), the router W_g over all E experts (reading the full vector), and the ledger."""
+    """Every MoE layer's config, topology, n = E / W experts per rank, router W_g over all E, experts, and ledger."""
     def __init__(self, cfg: MoEConfig, topology: Topology) -> None:
         super().__init__()
         if cfg.num_experts % topology.world_size != 0:
@@ -532,13 +478,20 @@ class _MoELayer(nn.Module):
                              f"every rank holds E / W experts; use a multiple of {topology.world_size}")
         self.cfg, self.topology, self.n = cfg, topology, cfg.num_experts // topology.world_size
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)  # W_g
+        self.experts = self._experts()
         self.ledger = CommLedger()
+    def _experts(self) -> nn.Module:
+        return Experts(self.n, self.cfg.d_model, self.cfg.d_ffn, self.cfg.activation)  # this rank's n experts
     def _tier(self, name: str, largest: int) -> tuple[Tier, int, int]:
-        """Tier `name` with its capacity for the group's largest real-token count `largest`, and the global ids
-        [first, last) of its experts: this rank's, this node's, or all (rank r holds experts r*n .. r*n+n-1)."""
-        group = self.topology.group(name)
-        first, last = group.ranks[0] * self.n, (group.ranks[-1] + 1) * self.n
-        capacity = _tier_capacity(largest, first, last, self.cfg, self.training, name)
+        """Tier `name` (capacity for the group's largest real-token count) and its experts' ids [first, last)."""
+        group, cfg = self.topology.group(name), self.cfg
+        first, last = group.ranks[0] * self.n, (group.ranks[-1] + 1) * self.n  # rank r holds experts r*n .. r*n+n-1
+        if name == "local" and cfg.local_no_capacity:  # the least that cannot bind: an expert takes one slot per token
+            capacity = largest
+        elif not self.training and cfg.eval_capacity_token_fraction is not None:  # whatever the experts, k or factor
+            capacity = _ceil(cfg.eval_capacity_token_fraction * largest)
+        else:
+            capacity = expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
         return Tier(name, group, capacity, self.ledger), first, last
     def _no_output(self, x: Tensor) -> MoEOutput:
         """The output when no rank of the group holds a real token: 0 everywhere, no tier ran."""
@@ -546,9 +499,6 @@ class _MoELayer(nn.Module):
 
 class GShardMoE(_MoELayer):
     """The GShard MoE layer: top-2 over all E experts, one all-to-all over the world each way."""
-    def __init__(self, cfg: MoEConfig, topology: Topology) -> None:
-        super().__init__(cfg, topology)
-        self.experts = Experts(self.n, cfg.d_model, cfg.d_ffn, cfg.activation)  # this rank's n experts
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         _check_input(x, pad_mask, self.cfg.d_model, "GShardMoE")
         counts = self.topology.gather_counts(_real_tokens(x.shape[0], pad_mask))  # real tokens of every rank
@@ -558,14 +508,12 @@ class GShardMoE(_MoELayer):
         y, routing = moe_tier(x, self.router(x), pad_mask, tier, self.experts, self.cfg)  # router: (t, E)
         return MoEOutput(y, routing.aux_loss, {"global": TierRouting(None, 0, routing)})
 
-# ----------------------------------------------------------------------------
-# 6. SCoMoE-Seq (paper: "SCoMoE-Seq", slicing the token dimension)
+# --- 6. SCoMoE-Seq (paper: "SCoMoE-Seq", slicing the token dimension) -------------------------------------------------
 
 def three_way_split(total: int, ratio1: float, ratio2: float, num_nodes: int,
                     multiple: int = 1) -> tuple[int, int, int]:
-    """Split `total` (tokens for Seq, model width for Feat) into local = int(ratio1 * total), node = int(ratio2 *
-    total), both rounded down to a multiple of `multiple`, and global = the rest. With one node there is no global part
-    (the node's experts are all experts), nor with ratio1 + ratio2 = 1: node takes the rest."""
+    """`total` (tokens for Seq, width for Feat) into local = int(ratio1 * total), node = int(ratio2 * total), both
+    rounded down to a multiple of `multiple`, and global = the rest; one node, or ratio1 + ratio2 = 1: no global."""
     local = _floor(ratio1 * total / multiple) * multiple
     if num_nodes == 1 or round(ratio1 + ratio2, 9) == 1:
         return local, total - local, 0
@@ -574,31 +522,23 @@ def three_way_split(total: int, ratio1: float, ratio2: float, num_nodes: int,
 
 def seq_select(scores: Tensor, sizes: tuple[int, int, int], topology: Topology, n: int,
                pad_mask: Optional[Tensor] = None) -> list[Tensor]:
-    """Token positions of the local, node and global tiers (each in token order), from detached router scores (t, E)
-    and the tiers' real-token counts `sizes`: the local tier takes the sizes[0] real tokens with the highest mean score
-    over this rank's experts, the node tier the sizes[1] of the rest with the highest mean score over this node's
-    experts, the global tier the rest. Padding joins the local tier, where it costs nothing; ties go to the earlier
-    token (stable sorts)."""
+    """Token positions of the local, node and global tiers, each in token order, from detached scores (t, E) and the
+    tiers' real-token counts: the best by mean score over this rank's experts, then over this node's, then the rest."""
     t, n_real = scores.shape[0], sum(sizes)
     view = scores.view(t, topology.num_nodes, topology.ranks_per_node, n)  # (t, N, G, n)
     local_score = view[:, topology.node_rank, topology.local_rank].mean(dim=-1)  # (t,)
     node_score = view[:, topology.node_rank].mean(dim=(-1, -2))  # (t,)
-    if pad_mask is not None:
-        local_score = local_score.masked_fill(pad_mask, float("-inf"))  # padding sorts after every real token
-    by_local = local_score.sort(descending=True, stable=True).indices  # (t,): real tokens first, by score
+    if pad_mask is not None:  # padding sorts after every real token and joins the local tier, where it costs nothing
+        local_score = local_score.masked_fill(pad_mask, float("-inf"))
+    by_local = local_score.sort(descending=True, stable=True).indices  # (t,): by score, ties to the earlier token
     rest = by_local[sizes[0]:n_real]  # (t_node + t_global,)
     by_node = rest[node_score[rest].sort(descending=True, stable=True).indices]
     tiers = [torch.cat([by_local[:sizes[0]], by_local[n_real:]]), by_node[:sizes[1]], by_node[sizes[1]:]]
     return [idx.sort().values for idx in tiers]  # token order: GShard's capacity priority within a tier
 
 class SCoMoESeq(_MoELayer):
-    """SCoMoE-Seq: one router over all experts; of the t real tokens, int(alpha * t) are gated over this rank's experts
-    (no communication), int(beta * t) over the node's (all-to-all inside the node), the rest over all (all-to-all over
-    the world). The tiers share the experts, run once on all their slots. Inter-node bytes: about 1 - alpha - beta of
-    GShard's."""
-    def __init__(self, cfg: MoEConfig, topology: Topology) -> None:
-        super().__init__(cfg, topology)
-        self.experts = Experts(self.n, cfg.d_model, cfg.d_ffn, cfg.activation)
+    """SCoMoE-Seq: of the t real tokens, int(alpha t) are gated over this rank's experts (no communication), int(beta t)
+    over the node's, the rest over all, sharing the experts: about 1 - alpha - beta of GShard's inter-node bytes."""
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         _check_input(x, pad_mask, self.cfg.d_model, "SCoMoESeq")
         topo, cfg = self.topology, self.cfg
@@ -630,28 +570,25 @@ class SCoMoESeq(_MoELayer):
         losses = [tiers[name].routing.aux_loss for i, name in enumerate(TIERS) if name in tiers and mine[i] > 0]
         return MoEOutput(y, _mean_aux(losses, x), tiers)
 
-# ----------------------------------------------------------------------------
-# 7. SCoMoE-Feat (paper: "SCoMoE-Feat", slicing the feature dimension)
+# --- 7. SCoMoE-Feat (paper: "SCoMoE-Feat", slicing the feature dimension) ---------------------------------------------
 
 def feat_widths(cfg: MoEConfig, num_nodes: int) -> tuple[int, int, int]:
-    """Widths (d_local, d_node, d_global) of the slices, multiples of cfg.feat_multiple; a ratio > 0 gives a slice > 0."""
+    """Widths (d_local, d_node, d_global) of the slices, multiples of cfg.feat_multiple; a ratio > 0: a slice > 0."""
     widths = three_way_split(cfg.d_model, cfg.ratio1, cfg.ratio2, num_nodes, cfg.feat_multiple)
     for tier, ratio, width in zip(TIERS[:2], (cfg.ratio1, cfg.ratio2), widths):
         if ratio > 0 and width == 0:
             raise ValueError(f"SCoMoE-Feat: the {tier} slice of d_model={cfg.d_model} at ratio {ratio} has width 0 "
-                             f"(widths are multiples of feat_multiple={cfg.feat_multiple}); raise the ratio to at least "
-                             f"{cfg.feat_multiple}/{cfg.d_model}, lower feat_multiple, or set the ratio to 0")
+                             f"(widths are multiples of feat_multiple={cfg.feat_multiple}); raise the ratio to at "
+                             f"least {cfg.feat_multiple}/{cfg.d_model}, lower feat_multiple, or set the ratio to 0")
     return widths
 
 class SCoMoEFeat(_MoELayer):
     """SCoMoE-Feat: d_model split into local / node / global slices, gated over this rank's, the node's and all
-    experts; every expert is three FFNs, one per slice width, each with the full hidden width d_ffn, and the outputs
-    are concatenated back to d_model. Inter-node bytes: d_global / d_model of GShard's."""
-    def __init__(self, cfg: MoEConfig, topology: Topology) -> None:
-        super().__init__(cfg, topology)
-        self.widths = feat_widths(cfg, topology.num_nodes)  # (d_local, d_node, d_global)
-        self.experts = nn.ModuleDict({tier: Experts(self.n, width, cfg.d_ffn, cfg.activation)
-                                      for tier, width in zip(TIERS, self.widths) if width > 0})
+    experts, the outputs concatenated back to d_model. Inter-node bytes: d_global / d_model of GShard's."""
+    def _experts(self) -> nn.Module:  # every expert is three FFNs, one per slice width, each with the full d_ffn
+        self.widths = feat_widths(self.cfg, self.topology.num_nodes)  # (d_local, d_node, d_global)
+        return nn.ModuleDict({tier: Experts(self.n, width, self.cfg.d_ffn, self.cfg.activation)
+                              for tier, width in zip(TIERS, self.widths) if width > 0})
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         _check_input(x, pad_mask, self.cfg.d_model, "SCoMoEFeat")
         topo, cfg = self.topology, self.cfg
@@ -674,8 +611,7 @@ class SCoMoEFeat(_MoELayer):
         losses = [tr.routing.aux_loss for tr in tiers.values()] if n_real > 0 else []
         return MoEOutput(torch.cat(outputs, dim=-1), _mean_aux(losses, x), tiers)  # (t, d)
 
-# ----------------------------------------------------------------------------
-# 8. Node-limited routing (a baseline beside SCoMoE, not in the paper)
+# --- 8. Node-limited routing (a baseline beside SCoMoE, not in the paper) ---------------------------------------------
 
 def node_choice(gates: Tensor, num_nodes: int) -> Tensor:
     """The node each token's experts are restricted to (M = 1): (t, E) -> (t,), the one whose k = 2 best gate values sum
@@ -685,14 +621,9 @@ def node_choice(gates: Tensor, num_nodes: int) -> Tensor:
     return per_node.topk(min(2, E // num_nodes), dim=-1).values.sum(dim=-1).argmax(dim=-1)  # (t,)
 
 class NodeLimitedMoE(_MoELayer):
-    """Top-2 inside one node per token (node_choice), over two hops: the other way to cut inter-node bytes. Hop 1 sends
-    the token once to its peer on that node (capacity ceil(cf * t / N) per node, token order), hop 2 is top-2 over
-    that node's G * n experts, all-to-all inside the node. One copy crosses at most one node boundary where GShard's
-    two may reach two nodes: about half of GShard's inter-node bytes on 2 nodes. The receiving rank applies the
-    (replicated) router itself; a flag column marks the filled slots. Aux loss: GShard's, first choices in the node."""
-    def __init__(self, cfg: MoEConfig, topology: Topology) -> None:
-        super().__init__(cfg, topology)
-        self.experts = Experts(self.n, cfg.d_model, cfg.d_ffn, cfg.activation)
+    """Top-2 inside one node per token (node_choice), the other way to cut inter-node bytes: hop 1 sends the token once
+    to its peer on that node (ceil(cf * t / N) slots per node), hop 2 is top-2 over that node's G * n experts. One copy
+    crosses at most one node boundary (GShard's two may reach two nodes): about half the inter-node bytes on 2 nodes."""
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         topo, cfg = self.topology, self.cfg
         t, d = x.shape
@@ -705,8 +636,7 @@ class NodeLimitedMoE(_MoELayer):
         gates = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # (t, E)
         node = node_choice(gates.detach(), N)  # (t,)
         first = gates.detach().view(t, N, node_experts)[torch.arange(t, device=x.device), node].argmax(dim=-1)  # (t,)
-        aux_loss = _load_balancing_loss(gates, node * node_experts + first, real)  # first choice inside the node
-
+        aux_loss = _load_balancing_loss(gates, node * node_experts + first, real)  # first choices inside the node
         # hop 1: each token once to its peer on the chosen node; slots in token order, c1 per node
         c1 = expert_capacity(largest, N, 1, cfg.capacity_factor)
         slot, kept, place, source = assign_slots(node[:, None], real, N, c1)  # place: (t, 1), source: (N*c1,)
@@ -714,8 +644,8 @@ class NodeLimitedMoE(_MoELayer):
         filled = torch.cat([flagged, flagged.new_zeros(1, d + 1)])  # (t+1, d+1): row t is an empty slot
         send = filled[torch.where(source < 0, t, source)]  # (N*c1, d+1): node-major
         recv = all_to_all(send, topo.peers, ledger=self.ledger, tag="peers")  # (N*c1, d+1): from every node
-
-        # hop 2: top-2 over this node's experts, all-to-all inside the node
+        # hop 2: top-2 over this node's experts, all-to-all inside the node; the receiving rank applies the
+        # (replicated) router itself rather than receiving the scores
         x2, empty = recv[:, :d], recv[:, d] < 0.5  # (N*c1, d), (N*c1,)
         lo = topo.node_rank * node_experts
         c2 = expert_capacity(largest, node_experts, min(2, node_experts), cfg.capacity_factor)
@@ -728,8 +658,7 @@ class NodeLimitedMoE(_MoELayer):
                        (real.sum() - kept.sum()) / real.sum().clamp_min(1))
         return MoEOutput(y, aux_loss, {"peers": TierRouting(None, 0, hop1), "node": TierRouting(None, lo, routing)})
 
-# ----------------------------------------------------------------------------
-# 9. Token clustering (paper: "Token clustering": a balanced router, differentiable sorting)
+# --- 9. Token clustering (paper: "Token clustering": a balanced router, differentiable sorting) -----------------------
 
 def padding_scores(scores: Tensor, pad_mask: Tensor) -> Tensor:
     """scores (t, C) with the padding rows set to lo - (hi - lo) (lo - 1 if all real scores are equal), below every
@@ -740,12 +669,10 @@ def padding_scores(scores: Tensor, pad_mask: Tensor) -> Tensor:
         return scores.masked_fill(pad_mask[:, None], 0.0)
     lo, hi = finite.min(), finite.max()
     return scores.masked_fill(pad_mask[:, None], lo - torch.where(hi > lo, hi - lo, torch.ones_like(lo)))
-
 def sort_tokens(x: Tensor, scores: Tensor, order: Tensor, tau: float, pad_mask: Optional[Tensor] = None) -> Tensor:
-    """Differentiable sorting M X, M = P + S - stopgrad(S), without a (t, t) matrix. x: (t, d); scores: (t, C); order:
-    (t,) the hard sort P (slot i holds token order[i], t / C slots per cluster, by cluster). S, the soft sort: a slot
-    of cluster e has the row softmax_tokens(s[:, e] / tau) / (t / C), padding left out. The value is exactly P X, the
-    gradient reaches the scores through the softmax, and S X is a (C, d) matrix broadcast to the slots."""
+    """Differentiable sorting M X, M = P + S - stopgrad(S), without a (t, t) matrix: x (t, d), scores (t, C), order
+    (t,) the hard sort P (t / C slots per cluster, by cluster); S's row for a slot of cluster e is softmax over the
+    (real) tokens of s[:, e] / tau, / (t / C). The value is exactly P X; the gradient reaches the scores via S."""
     t, C = scores.shape
     m = t // C  # slots per cluster
     logits = scores.to(torch.promote_types(scores.dtype, torch.float32)) / tau  # softmax in float32 at least
@@ -753,7 +680,7 @@ def sort_tokens(x: Tensor, scores: Tensor, order: Tensor, tau: float, pad_mask: 
         logits = logits.masked_fill(pad_mask[:, None], torch.finfo(logits.dtype).min)
     soft = logits.softmax(dim=0)  # (t, C): column e = softmax over tokens of s[:, e] / tau
     zero = (soft - soft.detach()) / m  # (t, C): S - stopgrad(S), transposed; exactly 0 in value
-    mix = zero.t().to(x.dtype) @ x  # (C, d): (S - stopgrad(S)) X for the rows of each cluster
+    mix = zero.t().to(x.dtype) @ x  # (C, d): (S - stopgrad(S)) X, equal for the rows of one cluster
     return x[order] + mix.repeat_interleave(m, dim=0)  # (t, d): P X + (S - stopgrad(S)) X
 
 class ClusterPlan(NamedTuple):
@@ -764,14 +691,10 @@ class ClusterPlan(NamedTuple):
     pad_mask: Tensor  # (t_recv,) True for padding among the tokens now on this rank
     num_tokens: int  # t: this rank's tokens before padding
     group: CommGroup  # the world
-
 class TokenClustering(nn.Module):
-    """The first MoE layer with clustering: scores s = x W_c against one cluster per rank (route_to="rank") or per node
-    ("node": the node's tokens spread evenly over its ranks), the balanced assignment of this rank's tokens (t / C to
-    every cluster: the Appendix), one variable-split all-to-all to the clusters' ranks, and there x + FFN(x)
-    (gate="softmax", trained through differentiable sorting) or BASE layers' sigmoid gate (gate="sigmoid"). Returns the
-    moved tokens and the ClusterPlan for `uncluster`. With pre_norm, the router and FFN read LayerNorm(x) while x (a
-    pre-LN Transformer's residual stream) is what moves."""
+    """The first MoE layer with clustering: scores x W_c against one cluster per rank (route_to="rank") or node, the
+    balanced assignment (the Appendix), an all-to-all to the clusters' ranks, and there x + FFN(x) (gate="softmax",
+    trained by differentiable sorting) or BASE layers' sigmoid gate; with pre_norm, x + FFN(LN(x)). Undo: uncluster."""
     def __init__(self, d_model: int, d_ffn: int, topology: Topology, *, route_to: str = "rank",
                  gate: str = "softmax", tau: float = 0.5, activation: str = "relu", pre_norm: bool = False) -> None:
         super().__init__()
@@ -793,9 +716,8 @@ class TokenClustering(nn.Module):
         return self.topology.rank if self.route_to == "rank" else self.topology.node_rank
     def cluster(self, x: Tensor, pad_mask: Optional[Tensor] = None, detach_router_input: bool = False,
                 balanced: bool = True) -> tuple[Tensor, ClusterPlan]:
-        """Send every token to its cluster's rank: (t, d) -> (t_recv, d), and the plan. balanced=False: to its best
-        cluster, with varying splits and a hard sort (the authors' greedy option for autoregressive inference, whose
-        tokens at one step are too few and too alike to split evenly)."""
+        """Every token to its cluster's rank: (t, d) -> (t_recv, d), and the plan. balanced=False: to its best cluster,
+        a hard sort (the authors' option for decoding: the tokens of one step are too few and alike to split evenly)."""
         _check_input(x, pad_mask, self.router.in_features, "TokenClustering")
         topo = self.topology
         t, d = x.shape
@@ -807,18 +729,16 @@ class TokenClustering(nn.Module):
             is_pad[:t] = pad_mask
         scores = self.router(self.norm(x.detach() if detach_router_input else x))  # (t_pad, C)
         if t + pad == 0:
-            order, send = torch.zeros(0, dtype=torch.long, device=x.device), [0] * W
-        elif balanced:
-            # padding scores lie below every real token's, so padding is assigned last
+            cluster = torch.zeros(0, dtype=torch.long, device=x.device)
+        elif balanced:  # padding scores lie below every real token's, so padding is assigned last
             cluster = balanced_assignment(padding_scores(scores.detach(), is_pad))  # (t_pad,)
-            order = cluster.sort(stable=True).indices  # (t_pad,): slots by cluster, token order within
-            # cluster c's slots go to rank c (rank) or spread over ranks c*G .. (node): slot i to rank i // share
+        else:  # each token to its best cluster; padding stays home
+            cluster = scores.detach().argmax(dim=-1).masked_fill(is_pad, self.own_cluster)  # (t,)
+        order = cluster.sort(stable=True).indices  # (t_pad,): slots by cluster, token order within
+        if balanced:  # cluster c's slots go to rank c (rank) or over ranks c*G .. (node): slot i to rank i // share
             send = [(t + pad) // W] * W
-        else:
-            cluster = scores.detach().argmax(dim=-1).masked_fill(is_pad, self.own_cluster)  # (t,): padding stays home
-            order = cluster.sort(stable=True).indices  # (t,)
+        else:  # a node's tokens are spread over its ranks as evenly as they go, in slot order
             count = torch.bincount(cluster, minlength=self.num_clusters).tolist()  # tokens per cluster (host sync)
-            # a node's tokens are spread over its ranks as evenly as they go, in slot order
             send = count if self.route_to == "rank" else [
                 count[r // G] // G + (r % G < count[r // G] % G) for r in range(W)]
         soft = self.gate == "softmax" and balanced and t + pad > 0
@@ -844,16 +764,12 @@ def uncluster(y: Tensor, plan: ClusterPlan, ledger: Optional[CommLedger] = None)
     back = all_to_all(y, plan.group, plan.recv_splits, plan.send_splits, ledger=ledger, tag="cluster")  # (t_pad, d)
     return back.index_select(0, inverse_permutation(plan.order))[:plan.num_tokens]  # (t, d) in token order
 
-# ----------------------------------------------------------------------------
-# Appendix. The balanced assignment (the auction algorithm; why it is right: NOTES.md, "The balanced assignment")
+# --- Appendix. The balanced assignment (why the auction is right: NOTES.md) -----------------------------------------
 
-# T tokens, C clusters, exactly m = T / C tokens per cluster, maximal total score: an assignment problem in which each
-# cluster is an object with m identical copies. BASE layers solve it with Bertsekas' auction algorithm, and so do we,
-# vectorised in torch, in float64. s(t, c): score of token t for cluster c (T, C); p(c): price of cluster c (C);
-# s(t, c) - p(c): t's value of c. Invariant for every token t holding cluster c (eps-complementary slackness):
+# T tokens to C clusters, m = T / C each, maximal total score s(t, c), by Bertsekas' auction as in BASE layers: a
+# cluster holds at most m tokens with their bids on record, its price p(c) the lowest of them once full (before, the
+# phase's floor). Every holder t of c keeps eps-complementary slackness, putting the total within T * eps of OPT:
 #   s(t, c) - p(c) >= max_k (s(t, k) - p(k)) - eps                        (CS)
-# Once every token holds a cluster and (CS) holds, the total is within T * eps of the optimum. A cluster holds at most
-# m tokens, each with its bid on record; p(c) is the lowest bid c holds once full, and the phase's floor before that.
 _NEG_INF = float("-inf")
 _START_FRACTION = 0.25  # eps scaling: the first phase's eps, in score ranges (without scaling, ties make price wars)
 _EPS_FACTOR = 6.0  # each later phase divides eps by this, down to the final eps
@@ -877,14 +793,11 @@ def _check_scores(scores) -> tuple[int, int]:
         raise ValueError(f"balanced assignment needs T to be a positive multiple of C (every cluster gets exactly "
                          f"T // C tokens), got T={T} tokens and C={C} clusters; {fix}")
     return T, C
-
 def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float, float]:
-    """(any NaN, any +inf, any -inf, a row all -inf, the least and greatest finite score, the finite scores' standard
-    deviation) of s (T, C), in one host sync."""
+    """(NaN?, +inf?, -inf?, a row all -inf?, least, greatest and std of the finite scores) of s (T, C): one sync."""
     forbidden, finite = torch.isneginf(s), s.isfinite()  # (T, C)
     facts = torch.stack([s.isnan().any(), s.isposinf().any(), forbidden.any(), forbidden.all(dim=1).any()]).to(s.dtype)
-    lo = torch.where(finite, s, torch.inf).amin().reshape(1)
-    hi = torch.where(finite, s, -torch.inf).amax().reshape(1)
+    lo, hi = torch.where(finite, s, torch.inf).amin().reshape(1), torch.where(finite, s, -torch.inf).amax().reshape(1)
     count = finite.sum().clamp(min=1)
     big = torch.where(finite, s, 0).abs().amax().clamp(min=torch.finfo(s.dtype).tiny)  # divided out: no overflow
     z = torch.where(finite, s / big, 0)  # (T, C) in [-1, 1]
@@ -893,10 +806,9 @@ def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float, float
     return bool(nan), bool(posinf), bool(neginf), bool(dead_row), lo, hi, std
 
 def _feasible(allowed: Tensor, m: int) -> bool:
-    """Whether some assignment of m tokens to every cluster uses allowed pairs only (allowed: (T, C) bool, no row all
-    False): a max flow on the C clusters with the tokens counted by pattern (a row of allowed); NOTES.md explains it."""
+    """Whether m tokens can go to every cluster by allowed (T, C) pairs only (no row all False): NOTES.md's max flow."""
     pattern, n = allowed.cpu().unique(dim=0, return_counts=True)       # (P, C), (P,)
-    pat = pattern.long()                                                  # (P, C)
+    pat, C = pattern.long(), allowed.shape[1]                             # (P, C)
     k = pat.sum(dim=1)                                                    # (P,) clusters each pattern allows
     # pattern p's n % k extra tokens go to its clusters from the (p mod k)-th on: one-token patterns do not pile up
     turn = (pat.cumsum(dim=1) - 1 - torch.arange(len(n))[:, None]) % k[:, None]   # (P, C)
@@ -904,7 +816,6 @@ def _feasible(allowed: Tensor, m: int) -> bool:
     patt = pat.t().contiguous()                                           # (C, P)
     load = x.sum(dim=1)                                                   # (C) tokens in each cluster
     edge = x @ pat                                                        # (C, C) tokens in a allowed in b
-    C = allowed.shape[1]
     for _ in range(int(allowed.shape[0]) + 1):                            # each pass moves >= 1 token home
         over = load > m                                                   # (C)
         if not bool(over.any()):
@@ -928,28 +839,22 @@ def _feasible(allowed: Tensor, m: int) -> bool:
         for b, a in zip(chain, chain[1:]):                                # from z back: a's tokens are its own
             avail = x[a] * patt[b]                                        # (P) tokens in a allowed in b
             take = (amount - (avail.cumsum(0) - avail)).clamp(min=0).minimum(avail)  # (P)
-            x[a] -= take
-            x[b] += take
+            x[a], x[b] = x[a] - take, x[b] + take
             some = take.nonzero().squeeze(1)
             moved = take[some] @ pat[some]                                # (C) their allowed clusters
-            edge[a] -= moved
-            edge[b] += moved
-        load[chain[-1]] -= amount
-        load[end] += amount
+            edge[a], edge[b] = edge[a] - moved, edge[b] + moved
+        load[chain[-1]], load[end] = load[chain[-1]] - amount, load[end] + amount
     raise RuntimeError("feasibility check did not terminate; this is a bug, please report the input")
 
 def _bid_for(s_rows: Tensor, price: Tensor, c: Tensor, eps: float) -> Tensor:
-    """Bids of tokens (rows) for clusters c: s[t, c] - w + eps, w = max_{k != c} (s[t, k] - p[k]), the highest price at
-    which c is still within eps of t's best other option, so (CS) holds for t at any p[c] <= bid."""
+    """Bids for clusters c: s[t, c] - max_{k != c} (s[t, k] - p[k]) + eps, the highest price keeping (CS) for t in c."""
     v = s_rows - price                                            # (..., C) values
     c = c.unsqueeze(-1)                                           # (..., 1)
     w = v.scatter(-1, c, _NEG_INF).amax(dim=-1)                   # (...) best value elsewhere
     return s_rows.gather(-1, c).squeeze(-1) - w + eps             # (...)
 
 def _run_rounds(s, price, slot_bid, slot_tok, bidders, eps, m) -> None:
-    """Jacobi auction rounds at a fixed eps until every token holds a cluster. State, updated in place: slot_bid (C, m)
-    the bids on record in each cluster's slots, descending (an empty slot holds the floor); slot_tok (C, m) their
-    tokens (T: empty); price (C) = slot_bid[:, m - 1]; bidders (U) the tokens without a cluster."""
+    """Jacobi rounds at a fixed eps until every token holds a cluster; slot_bid, slot_tok, price change in place."""
     T, C, dev = s.shape[0], price.numel(), s.device
     for _ in range(_MAX_ROUNDS_PER_PHASE):
         U = bidders.numel()
@@ -967,12 +872,10 @@ def _run_rounds(s, price, slot_bid, slot_tok, bidders, eps, m) -> None:
         rank = torch.arange(U, device=dev) - (torch.cumsum(n_new, 0) - n_new)[b_c]  # (U) rank in its cluster
         rows = n_new.nonzero().squeeze(1)                                # (R) clusters with bids
         R, K = rows.numel(), int(n_new.max())                            # (host sync)
-        row_of = torch.empty(C, dtype=torch.long, device=dev)
-        row_of[rows] = torch.arange(R, device=dev)
-        new_bid = torch.full((R, K), _NEG_INF, dtype=s.dtype, device=dev)  # (R, K)
-        new_tok = torch.full((R, K), T, dtype=torch.long, device=dev)      # (R, K)
-        new_bid[row_of[b_c], rank] = b_bid
-        new_tok[row_of[b_c], rank] = b_tok
+        row_of = torch.empty(C, dtype=torch.long, device=dev).index_put_((rows,), torch.arange(R, device=dev))
+        at = (row_of[b_c], rank)                                         # each new bid's place in (R, K)
+        new_bid = torch.full((R, K), _NEG_INF, dtype=s.dtype, device=dev).index_put_(at, b_bid)  # (R, K)
+        new_tok = torch.full((R, K), T, dtype=torch.long, device=dev).index_put_(at, b_tok)      # (R, K)
         # the holders bid again at today's prices ("refresh": still (CS), and >= the bid on record), so that prices
         # rise by a full eps per round, not one copy at a time; empty slots keep the floor
         held_tok = slot_tok[rows]                                        # (R, m)
@@ -989,9 +892,7 @@ def _run_rounds(s, price, slot_bid, slot_tok, bidders, eps, m) -> None:
     raise RuntimeError("auction did not terminate; this is a bug, please report the input")
 
 def _start_phase(s, price, owner, eps, m):
-    """A new eps phase: keep the prices, and every token (owner: (T,) its cluster) that still satisfies (CS) at the new
-    eps, with its bid renewed; unassign the rest, their slots empty at a floor of the old price. Returns (slot_bid,
-    slot_tok, price, bidders)."""
+    """A new eps phase: prices, and tokens still in (CS) with renewed bids, kept; the rest bid (floor: old price)."""
     T, C = s.shape
     bid = _bid_for(s, price, owner, eps)                          # (T) renewed bid at the new eps
     keep = bid >= price[owner]                                    # (T) (CS) at the new eps
@@ -1003,14 +904,11 @@ def _start_phase(s, price, owner, eps, m):
     slot_bid = torch.where(kept, bid[order], price[:, None])      # (C, m) floor = old price
     slot_tok = torch.where(kept, order, T)                        # (C, m)
     return slot_bid, slot_tok, slot_bid[:, m - 1].clone(), (~keep).nonzero().squeeze(1)  # price >= old price
-
 def _n_violators(s, price, owner, eps) -> int:
     """How many tokens break (CS) at these prices: their bid at eps is below their cluster's price."""
     return int((_bid_for(s, price, owner, eps) < price[owner]).sum())  # (host sync)
-
 def _repair_prices(s, price, owner, eps):
-    """Between phases, prices that keep more of the assignment: Bellman-Ford on the difference constraints that (CS)
-    puts on the C prices, p[a] - p[b] <= D[a, b] := min_{t in a} (s[t, a] - s[t, b]) + eps (NOTES.md)."""
+    """Prices that keep more of the assignment: Bellman-Ford on (CS) as p[a] - p[b] <= D[a, b] (NOTES.md)."""
     T, C = s.shape
     diff = s.gather(1, owner[:, None]) - s                        # (T, C) s(t,a) - s(t,b)
     D = torch.full((C, C), float("inf"), dtype=s.dtype, device=s.device)
@@ -1028,30 +926,23 @@ def _repair_prices(s, price, owner, eps):
 def _eps_schedule(span: float, eps_final: float) -> list[float]:
     eps, schedule = max(_START_FRACTION * span, eps_final), []
     while eps > eps_final:
-        schedule.append(eps)
-        eps /= _EPS_FACTOR
+        schedule, eps = schedule + [eps], eps / _EPS_FACTOR
     return schedule + [eps_final]
 
 def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
-    """Assign T tokens to C clusters, exactly T // C each, maximising sum_t scores[t, cluster[t]]: (T, C) -> (T,).
-
-    scores: any float dtype and device; -inf marks a forbidden pair. T must be a positive multiple of C (else pad with
-    constant rows below every real score, which then only fill the places the real tokens leave free:
-    balanced_assignment(padding_scores(scores, is_pad))). eps: the final auction slack, > 0; default 1e-7 * std of the
-    finite scores, rounded down to a power of two, but at least what float64 resolves next to the prices. Returns
-    cluster (T,) int64 on scores.device: each cluster exactly T // C times, sum_t scores[t, cluster[t]] >= OPT - T * eps
-    (exactly optimal for integer scores and eps < 1 / T), no -inf pair while a balanced assignment avoids them all,
-    deterministic (ties: the lower cluster; a holder beats a newcomer, a lower token index a higher one). ValueError:
-    not 2-D or floating point, T % C != 0 or T < C, NaN or +inf, eps <= 0 or too small, no assignment avoids the -inf.
-    The algorithm and its proofs: NOTES.md, "The balanced assignment: why the auction is right".
-    """
+    """Assign T tokens to C clusters, exactly T // C each, maximising sum_t scores[t, cluster[t]]: (T, C) -> (T,) int64.
+    scores: any float dtype and device, -inf for a forbidden pair, T a multiple of C (else pad: padding_scores). eps:
+    the final slack (default 1e-7 * std of the scores, a power of two). The total is >= OPT - T * eps, no -inf pair is
+    used while some balanced assignment avoids them, and ties break deterministically. Contract, errors, algorithm
+    and proofs: NOTES.md, "The balanced assignment: why the auction is right"."""
     T, C = _check_scores(scores)
     m, dev = T // C, scores.device
     s = scores.detach().to(torch.float64)                         # (T, C)
     nan, posinf, has_forbidden, dead_row, lo, hi, std = _score_facts(s)
     if nan:
-        raise ValueError("scores contain NaN; replace them before calling, e.g. with scores.nan_to_num(nan=float('-inf'))"
-                         " to forbid those token/cluster pairs, or with a finite low value to only discourage them")
+        raise ValueError("scores contain NaN; replace them before calling, e.g. with scores.nan_to_num(nan="
+                         "float('-inf')) to forbid those token/cluster pairs, or with a finite low value to only "
+                         "discourage them")
     if posinf:
         raise ValueError("scores contain +inf; use large finite values instead (only -inf is supported, meaning "
                          "'forbidden token/cluster pair')")
