@@ -1,35 +1,31 @@
 """SCoMoE: mixtures of experts with structured all-to-all communication.
 
-A reference implementation of Zeng and Xiong, "SCoMoE: Efficient Mixtures of
-Experts with Structured Communication" (ICLR 2023), in one file, to be read
-beside the paper. NOTES.md maps every element of the method to the code below
-and records each choice the paper leaves open.
+A reference implementation of Zeng and Xiong, "SCoMoE: Efficient Mixtures of Experts with Structured Communication"
+(ICLR 2023), in one file, to be read beside the paper; NOTES.md maps every element of the method to the code below
+and records each choice the paper leaves open (the why of most docstrings here). Sections: the machinery and the
+configuration, then the method in the order of the paper, then the algorithm behind its balanced router.
+  1. Topology and process groups      ranks, nodes, and the local/node/world groups
+  2. All-to-all with a link ledger    a differentiable collective that counts bytes per link class
+  3. Configuration                    one dataclass, validated before any collective runs
+  4. GShard top-2 gating              Algorithm 2 of GShard, dispatch and combine by index
+  5. The GShard MoE layer             gate -> all-to-all -> experts -> all-to-all -> combine
+  6. SCoMoE-Seq                       tokens split into local / node / global tiers
+  7. SCoMoE-Feat                      the model width split into local / node / global slices
+  8. Node-limited routing             a baseline (not in the paper): top-2 inside one node per token
+  9. Token clustering                 a balanced router gathers related tokens on one rank; differentiable sorting
+  Appendix. The balanced assignment   the auction algorithm behind the balanced router (its proofs: NOTES.md)
 
-Sections, in the order of the paper:
-  1. Topology and process groups     ranks, nodes, and the local/node/world groups
-  2. All-to-all with a link ledger   a differentiable collective that counts bytes per link class
-  3. GShard top-2 gating             Algorithm 2 of GShard, dispatch and combine by index
-  4. The GShard MoE layer            gate -> all-to-all -> experts -> all-to-all -> combine
-  5. SCoMoE-Seq                      tokens split into local / node / global tiers
-  6. SCoMoE-Feat                     the model width split into local / node / global slices
-  7. Node-limited routing            a baseline (not in the paper): top-2 inside one node per token
-  8. Configuration                   one dataclass, validated before any collective runs
-  9. Balanced router                 the auction algorithm and differentiable sorting
- 10. Token clustering                gather related tokens on one rank, and send them back
-
-What is simplified: experts are plain two-layer FFNs run as one batched matmul;
-there is no expert or data parallelism beyond what SCoMoE needs (shared
-parameters are replicated and their gradients are the caller's to all-reduce);
-capacity is the same for every rank of a group (computed from the group's
-largest token count, as fairseq gets by padding every rank to the largest).
+What is simplified: experts are plain two-layer FFNs run as one batched matmul; there is no expert or data parallelism
+beyond what SCoMoE needs (shared parameters are replicated and their gradients are the caller's to all-reduce);
+capacity is the same for every rank of a group (from the group's largest token count, as fairseq gets by padding every
+rank to the largest).
 
 Shape letters used in comments:
   t  tokens on this rank (a batch, flattened)    d  model width (or a Feat slice of it)
   f  expert hidden width                         e  experts a gate chooses among
   n  experts on each rank (E / W)                c  capacity: buffer slots per expert
-  k  experts per token (2; 1 where a gate has a single expert)
-  g  ranks in a communication group              W, G, N  world size, ranks per node, nodes
-  T, C, m  the balanced assignment's tokens, clusters, and tokens per cluster (T / C)
+  k  experts per token (2, or 1 for one expert)  g  ranks in a communication group
+  W, G, N  world size, ranks per node, nodes     T, C, m  balanced assignment: tokens, clusters, T / C
   U, R, K  an auction round's bidders, clusters that get bids, and most bids on one cluster
 """
 
@@ -40,7 +36,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import ClassVar, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,48 +45,54 @@ from torch import Tensor, nn
 
 LINK_CLASSES = ("intra_device", "intra_node", "inter_node")
 TIERS = ("local", "node", "global")
-
+Splits = Optional[list[int]]  # rows to or from each member of a group; None: an even split
 
 def _floor(x: float) -> int:
     """floor(x) with float noise removed: 0.29 * 100 = 28.999999999999996 counts as 29."""
     return math.floor(round(x, 9))
-
-
 def _ceil(x: float) -> int:
     """ceil(x) with float noise removed: 1.1 * 2 * 100 / 4 = 55.00000000000001 counts as 55."""
     return math.ceil(round(x, 9))
 
-
-# ----------------------------------------------------------------------------
-# 1. Topology and process groups (paper: "Topology")
-
+# --- 1. Topology and process groups (paper: "Topology") ---------------------------------------------------------------
 
 def link_class(src: int, dst: int, ranks_per_node: int) -> str:
     """The link a byte crosses from rank src to rank dst: same device, same node, or another node."""
-    if src == dst:
-        return "intra_device"
-    return "intra_node" if src // ranks_per_node == dst // ranks_per_node else "inter_node"
-
+    same_node = src // ranks_per_node == dst // ranks_per_node
+    return "intra_device" if src == dst else "intra_node" if same_node else "inter_node"
 
 @dataclass(frozen=True)
 class CommGroup:
     """A set of ranks that exchange tokens, with the handle torch.distributed needs."""
-
     name: str  # "local", "node", "world" or "peers"
     ranks: tuple[int, ...]  # global ranks, in the order of group ranks
     group: Optional[dist.ProcessGroup]  # None when the group is this rank alone
     links: tuple[str, ...]  # link class from this rank to each member, one of LINK_CLASSES
-    local_copy: bool = False  # timing compute alone: every all-to-all becomes a local copy of its shape
-
+    local_copy: ClassVar[bool] = False  # True for a LocalCopyGroup (timing compute alone)
     @property
     def size(self) -> int:
         return len(self.ranks)
+    def exchange(self, out: Tensor, x: Tensor, send: Splits, recv: Splits) -> None:
+        """out <- the all-to-all of x over this group."""
+        if x.is_cuda and dist.get_backend(self.group) == "gloo":  # gloo moves host memory: stage through it
+            host = torch.empty(out.shape, dtype=out.dtype)
+            dist.all_to_all_single(host, x.cpu(), output_split_sizes=recv, input_split_sizes=send, group=self.group)
+            out.copy_(host)
+        else:
+            dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=self.group)
 
+class LocalCopyGroup(CommGroup):
+    """A group whose all-to-all sends nothing, the rows staying here in a tensor of the received shape, for timing
+    compute alone (Topology.with_local_copies): chosen once, so that the collective's path has no branch for it."""
+    local_copy: ClassVar[bool] = True
+    def exchange(self, out: Tensor, x: Tensor, send: Splits, recv: Splits) -> None:
+        n = min(out.shape[0], x.shape[0])
+        out[:n].copy_(x[:n])
+        out[n:].zero_()
 
 @dataclass(frozen=True)
 class Topology:
     """Where this rank sits: W = N * G ranks, rank r on node r // G at local slot r % G."""
-
     rank: int
     world_size: int  # W
     ranks_per_node: int  # G
@@ -102,39 +104,26 @@ class Topology:
     world: CommGroup  # all W ranks
     peers: CommGroup  # the N ranks at this local slot, one per node: node-limited routing's inter-node hop
     host_group: Optional[dist.ProcessGroup]  # gloo group for host integers (token counts)
-
     def group(self, tier: str) -> CommGroup:
         """The group a tier exchanges tokens in: "local" (this rank), "node" or "global" (the world)."""
         return {"local": self.local, "node": self.node, "global": self.world}[tier]
-
     @property
     def local_copy(self) -> bool:
         return self.world.local_copy
-
-    def with_local_copies(self) -> "Topology":
-        """This topology with every collective replaced by a local copy of the same shape.
-
-        For timing compute alone (the benchmark's compute-only run): all-to-alls copy
-        their input instead of sending it, and every rank is assumed to hold as many
-        tokens as this one. The ledger still counts the bytes a real run would send.
-        """
-        local = {name: dataclasses.replace(getattr(self, name), local_copy=True) for name in ("node", "world", "peers")}
-        return dataclasses.replace(self, **local)
-
+    def with_local_copies(self) -> Topology:
+        """This topology with every collective a local copy of the same shape (the benchmark's compute-only run):
+        every rank is assumed to hold as many tokens as this one; the ledger still counts what a real run sends."""
+        copies = {k: LocalCopyGroup(**vars(getattr(self, k))) for k in ("node", "world", "peers")}  # the same fields
+        return dataclasses.replace(self, **copies)
     def link(self, other: int) -> str:
         """The link class a byte crosses from this rank to rank `other`."""
         return link_class(self.rank, other, self.ranks_per_node)
-
     def gather_counts(self, count: int) -> list[int]:
         """Every rank's `count` (a host integer such as a token count), in rank order."""
         return [values[0] for values in self.gather_lists([count])]
-
     def gather_lists(self, values: Sequence[int]) -> list[list[int]]:
-        """Every rank's list of host integers (the same length on every rank), in rank order.
-
-        Runs over a gloo group on the CPU, so that a GPU stream never waits on it. Under
-        local copies every rank is assumed to hold this rank's values.
-        """
+        """Every rank's list of host integers (as long on every rank), in rank order, over a gloo group on the CPU, so
+        that a GPU stream never waits on it. Under local copies every rank holds this rank's values."""
         if self.world_size == 1 or self.local_copy:
             return [list(values)] * self.world_size
         mine = torch.tensor(list(values), dtype=torch.int64)
@@ -142,158 +131,90 @@ class Topology:
         dist.all_gather(every, mine, group=self.host_group)
         return [e.tolist() for e in every]
 
-
 def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
-    """Derive this rank's place and create its process groups explicitly.
-
-    ranks_per_node: G. Default: LOCAL_WORLD_SIZE as torchrun sets it; without
-    torchrun every rank is on one node. Pass it to emulate several nodes on one
-    host (4 processes with ranks_per_node=2 are 2 nodes of 2 ranks). Without an
-    initialised torch.distributed this is a world of one. Every rank must call
-    this, in the same order relative to other group creation: dist.new_group is
-    called for every node, on every rank, and each rank keeps its own.
-    """
+    """This rank's place and process groups. ranks_per_node: G; default LOCAL_WORLD_SIZE as torchrun sets it, else one
+    node; pass it to emulate nodes on one host (4 processes, ranks_per_node=2: 2 nodes of 2). Without torch.distributed:
+    a world of one. Every rank calls this, in one order relative to other group creation: each creates every group."""
     initialised = dist.is_available() and dist.is_initialized()
     world_size = dist.get_world_size() if initialised else 1
     rank = dist.get_rank() if initialised else 0
     if ranks_per_node is None:
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if initialised else 1
     if not isinstance(ranks_per_node, int) or ranks_per_node < 1:
-        raise ValueError(f"ranks_per_node={ranks_per_node!r} must be a positive integer (the ranks that share one node)")
+        raise ValueError(f"ranks_per_node={ranks_per_node!r} must be a positive integer (the ranks that share a node)")
     if world_size % ranks_per_node != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by ranks_per_node={ranks_per_node}: "
-            f"every node must hold the same number of ranks; choose a divisor of {world_size}"
-        )
+        raise ValueError(f"world size {world_size} is not divisible by ranks_per_node={ranks_per_node}: every node "
+                         f"must hold the same number of ranks; choose a divisor of {world_size}")
     G, N = ranks_per_node, world_size // ranks_per_node
     node_rank, local_rank = rank // G, rank % G
-
+    nodes = [list(range(n * G, (n + 1) * G)) for n in range(N)]  # the ranks of each node
+    slots = [list(range(s, world_size, G)) for s in range(G)]  # the ranks at each local slot, one per node
+    def own_group(sets: list[list[int]], mine: int) -> Optional[dist.ProcessGroup]:
+        """Every rank creates every group of `sets`, in order, and keeps its own (the world's if it is the world)."""
+        if not initialised or len(sets[0]) == 1:
+            return None
+        return dist.group.WORLD if len(sets) == 1 else [dist.new_group(ranks) for ranks in sets][mine]
     def comm_group(name: str, ranks: list[int], group) -> CommGroup:
         return CommGroup(name, tuple(ranks), group, tuple(link_class(rank, r, G) for r in ranks))
+    node_group, peer_group = own_group(nodes, node_rank), own_group(slots, local_rank)  # in this order on every rank
+    host_group = None if world_size == 1 else (  # a gloo group for host integers, whatever the backend
+        dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    return Topology(rank, world_size, G, N, node_rank, local_rank, comm_group("local", [rank], None),
+                    comm_group("node", nodes[node_rank], node_group),
+                    comm_group("world", list(range(world_size)), dist.group.WORLD if world_size > 1 else None),
+                    comm_group("peers", slots[local_rank], peer_group), host_group)
 
-    # every rank creates every node group, in node order, and keeps its own
-    node_group = None
-    if initialised and 1 < G < world_size:
-        for n in range(N):
-            created = dist.new_group(list(range(n * G, (n + 1) * G)))
-            if n == node_rank:
-                node_group = created
-    elif initialised and G == world_size > 1:
-        node_group = dist.group.WORLD
-    # likewise every peer group (one rank per node, the same local slot), in slot order
-    peer_group = None
-    if initialised and 1 < N < world_size:
-        for slot in range(G):
-            created = dist.new_group(list(range(slot, world_size, G)))
-            if slot == local_rank:
-                peer_group = created
-    elif initialised and N == world_size > 1:
-        peer_group = dist.group.WORLD
-    world_group = dist.group.WORLD if world_size > 1 else None
-    host_group = None
-    if world_size > 1:
-        host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    return Topology(
-        rank=rank,
-        world_size=world_size,
-        ranks_per_node=G,
-        num_nodes=N,
-        node_rank=node_rank,
-        local_rank=local_rank,
-        local=comm_group("local", [rank], None),
-        node=comm_group("node", list(range(node_rank * G, (node_rank + 1) * G)), node_group),
-        world=comm_group("world", list(range(world_size)), world_group),
-        peers=comm_group("peers", list(range(local_rank, world_size, G)), peer_group),
-        host_group=host_group,
-    )
-
-
-# ----------------------------------------------------------------------------
-# 2. All-to-all with a link ledger (paper: "The problem")
-
+# --- 2. All-to-all with a link ledger (paper: "The problem") ----------------------------------------------------------
 
 class CommLedger:
-    """Bytes this rank handed to each link class, by tag and direction.
-
-    Plain data that a caller reads and resets (each MoE layer owns one); the
-    library never prints it. Keys: tag (e.g. the tier), direction ("forward" or
-    "backward"), link ("intra_device", "intra_node", "inter_node").
-    """
-
+    """Bytes this rank handed to each link class, by tag (e.g. the tier), direction ("forward" or "backward") and link:
+    plain data that a caller reads and resets (each MoE layer owns one); the library never prints it."""
     def __init__(self) -> None:
-        self.bytes: dict[tuple[str, str, str], int] = {}
+        self.bytes: dict[tuple[str, str, str], int] = {}  # (tag, direction, link) -> bytes
         self.calls: dict[tuple[str, str], int] = {}
         self.to_rank: dict[int, int] = {}  # global rank -> bytes handed to it (every tag and direction)
-
-    def record(self, tag: str, direction: str, sent: Sequence[int], group: "CommGroup") -> None:
+    def record(self, tag: str, direction: str, sent: Sequence[int], group: CommGroup) -> None:
         """Add `sent[j]` bytes handed to member j of `group` (rank group.ranks[j], link group.links[j])."""
         self.calls[tag, direction] = self.calls.get((tag, direction), 0) + 1
         for nbytes, link, rank in zip(sent, group.links, group.ranks):
             self.bytes[tag, direction, link] = self.bytes.get((tag, direction, link), 0) + nbytes
             self.to_rank[rank] = self.to_rank.get(rank, 0) + nbytes
-
     def total(self, link: Optional[str] = None, direction: Optional[str] = None, tag: Optional[str] = None) -> int:
         """Bytes summed over every key that matches the given (non-None) fields."""
-        return sum(
-            b
-            for (t, d, l), b in self.bytes.items()
-            if (tag is None or t == tag) and (direction is None or d == direction) and (link is None or l == link)
-        )
-
+        want = (tag, direction, link)
+        return sum(b for key, b in self.bytes.items() if all(w is None or w == k for w, k in zip(want, key)))
     def by_link(self, tag: Optional[str] = None) -> dict[str, int]:
         """Forward + backward bytes per link class."""
         return {link: self.total(link=link, tag=tag) for link in LINK_CLASSES}
-
     def reset(self) -> None:
-        self.bytes.clear()
-        self.calls.clear()
-        self.to_rank.clear()
+        for counts in (self.bytes, self.calls, self.to_rank):
+            counts.clear()
 
-
-def _all_to_all_single(x: Tensor, group: CommGroup, send: Optional[list[int]], recv: Optional[list[int]],
-                       ledger: Optional[CommLedger], tag: str, direction: str) -> Tensor:
+def _all_to_all_single(x: Tensor, group: CommGroup, send: Splits, recv: Splits, ledger: Optional[CommLedger],
+                       tag: str, direction: str) -> Tensor:
     x = x.contiguous()
-    rows = x.shape[0] if recv is None else sum(recv)
-    out = x.new_empty((rows,) + tuple(x.shape[1:]))
+    out = x.new_empty((x.shape[0] if recv is None else sum(recv),) + tuple(x.shape[1:]))
     if ledger is not None:
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
         sent = send if send is not None else [x.shape[0] // group.size] * group.size
         ledger.record(tag, direction, [r * row_bytes for r in sent], group)
-    if group.local_copy:  # compute alone: the rows stay here, in a tensor of the received shape
-        n = min(rows, x.shape[0])
-        out[:n].copy_(x[:n])
-        out[n:].zero_()
-    elif x.is_cuda and dist.get_backend(group.group) == "gloo":  # gloo moves host memory: stage through it
-        host = torch.empty(out.shape, dtype=out.dtype)
-        dist.all_to_all_single(host, x.cpu(), output_split_sizes=recv, input_split_sizes=send, group=group.group)
-        out.copy_(host)
-    else:
-        dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group.group)
+    group.exchange(out, x, send, recv)
     return out
-
-
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single whose backward is the reverse all-to-all (send and receive splits swapped)."""
-
     @staticmethod
     def forward(ctx, x, group, send, recv, ledger, tag):
         ctx.args = group, send, recv, ledger, tag
         return _all_to_all_single(x, group, send, recv, ledger, tag, "forward")
-
     @staticmethod
     def backward(ctx, grad):
         group, send, recv, ledger, tag = ctx.args
         return _all_to_all_single(grad, group, recv, send, ledger, tag, "backward"), None, None, None, None, None
 
-
-def all_to_all(x: Tensor, group: CommGroup, send_splits: Optional[list[int]] = None,
-               recv_splits: Optional[list[int]] = None, *, ledger: Optional[CommLedger] = None,
-               tag: str = "") -> Tensor:
-    """Differentiable all-to-all along dim 0: rows [sum(send_splits[:j]), ...) go to group member j.
-
-    x: (rows, ...) -> (sum(recv_splits), ...). Without splits, rows are split
-    evenly. On a group of one rank it returns x itself and records nothing.
-    """
+def all_to_all(x: Tensor, group: CommGroup, send_splits: Splits = None, recv_splits: Splits = None, *,
+               ledger: Optional[CommLedger] = None, tag: str = "") -> Tensor:
+    """Differentiable all-to-all along dim 0: rows [sum(send_splits[:j]), ...) go to group member j; (rows, ...) ->
+    (sum(recv_splits), ...), split evenly without splits. On a group of one rank: x itself, and nothing recorded."""
     if group.size == 1:
         return x
     if (send_splits is None) != (recv_splits is None):
@@ -302,14 +223,61 @@ def all_to_all(x: Tensor, group: CommGroup, send_splits: Optional[list[int]] = N
         raise ValueError(f"{x.shape[0]} rows do not split evenly over {group.size} ranks: pass send/recv splits")
     return _AllToAll.apply(x, group, send_splits, recv_splits, ledger, tag)
 
+# --- 3. Configuration -------------------------------------------------------------------------------------------------
 
-# ----------------------------------------------------------------------------
-# 3. GShard top-2 gating (GShard, Lepikhin et al. 2020, Algorithm 2)
+@dataclass(frozen=True)
+class MoEConfig:
+    """One MoE layer's settings (sections 5 to 8), checked here before any collective runs (the layers check E / W)."""
+    d_model: int  # model width d
+    d_ffn: int  # hidden width of each expert's FFN
+    num_experts: int  # E: experts in the whole world; each rank holds E / W of them
+    capacity_factor: float = 1.0  # slots per expert C = ceil(capacity_factor * k * tokens / experts)
+    ratio1: float = 0.0  # alpha: share of tokens (Seq) or width (Feat) served inside the device
+    ratio2: float = 0.0  # beta: share served inside the node; the rest, 1 - alpha - beta, is global
+    second_expert: str = "argmax"  # "argmax": the second-best expert; "sampling": Gumbel-sampled
+    normalize_before_drop: bool = False  # True: GShard's paper; False: fairseq (kept weights renormalised)
+    activation: str = "relu"  # expert FFN activation: "relu" or "gelu"
+    feat_multiple: int = 8  # Feat slice widths are rounded down to a multiple of this (aligned GEMMs); 1: exact
+    # the authors' (fairseq's) options: slots by first-choice gate value (they train with it), ceil(fraction * tokens)
+    # slots in eval mode (they evaluate with 0.5), a local tier that never drops a token: top2_gating, _MoELayer._tier
+    batch_prioritized_routing: bool = False
+    eval_capacity_token_fraction: Optional[float] = None  # None: the training formula at eval time too
+    local_no_capacity: bool = False
+    def __post_init__(self) -> None:
+        def number(v, kind) -> bool:  # a bool is not a number (True == 1), nor is a string
+            return isinstance(v, kind) and not isinstance(v, bool)
+        checks = [  # (fields, test, what the value must be), in order
+            (("d_model", "d_ffn", "num_experts", "feat_multiple"), lambda v: number(v, numbers.Integral) and v >= 1,
+             "be a positive integer"),
+            (("capacity_factor", "ratio1", "ratio2"), lambda v: number(v, numbers.Real) and math.isfinite(v),
+             "be a finite number (an int or a float)"),
+            (("normalize_before_drop", "batch_prioritized_routing", "local_no_capacity"),  # bool('no') is True
+             lambda v: isinstance(v, bool), "be True or False"),
+            (("capacity_factor",), lambda v: v > 0, "be > 0 (1.0 gives GShard's C = 2S/E)"),
+            (("ratio1", "ratio2"), lambda v: 0 <= v <= 1, "lie in [0, 1] (a share of the tokens or of d_model)"),
+            (("second_expert",), lambda v: v in ("argmax", "sampling"), "be 'argmax' or 'sampling'"),
+            (("activation",), lambda v: v in ("relu", "gelu"), "be 'relu' or 'gelu'"),
+            (("eval_capacity_token_fraction",), lambda v: v is None or number(v, (int, float)) and 0 < v <= 1,
+             "lie in (0, 1] (a share of the tokens), or be None for the training capacity formula at eval time")]
+        for names, ok, must in checks:
+            for name in names:
+                if not ok(getattr(self, name)):
+                    raise ValueError(f"{name}={getattr(self, name)!r} must {must}")
+        if round(self.ratio1 + self.ratio2, 9) > 1:
+            raise ValueError(f"ratio1 + ratio2 = {self.ratio1} + {self.ratio2} > 1: the local and node shares cannot "
+                             f"exceed the whole; lower one of them")
 
+def make_moe_layer(kind: str, cfg: MoEConfig, topology: Topology) -> nn.Module:
+    """The MoE layer of a kind: "gshard", "seq", "feat" or "node-limited" (sections 5 to 8)."""
+    layers = {"gshard": GShardMoE, "seq": SCoMoESeq, "feat": SCoMoEFeat, "node-limited": NodeLimitedMoE}
+    if kind not in layers:
+        raise ValueError(f"kind={kind!r} must be one of {sorted(layers)}")
+    return layers[kind](cfg, topology)
+
+# --- 4. GShard top-2 gating (GShard, Lepikhin et al. 2020, Algorithm 2) -----------------------------------------------
 
 class Routing(NamedTuple):
     """Where each token goes: the result of a gate, as index tensors."""
-
     expert: Tensor  # (t, k) long: chosen experts, indices into the gate's experts
     slot: Tensor  # (t, k) long: position in that expert's buffer (meaningful where kept)
     place: Tensor  # (t, k) long: row expert * c + slot of the (e * c)-row buffer; -1 where not kept
@@ -322,34 +290,24 @@ class Routing(NamedTuple):
     assigned: Tensor  # () real (token, choice) assignments: k * real tokens
     dropped: Tensor  # () share of the assigned that did not fit (0 without real tokens)
 
-
 def expert_capacity(tokens: int, experts: int, k: int, capacity_factor: float) -> int:
-    """Buffer slots per expert: C = ceil(capacity_factor * k * tokens / experts).
-
-    With k = 2 and capacity_factor = 1 this is GShard's C = 2S/E, rounded up.
-    """
+    """Buffer slots per expert: C = ceil(capacity_factor * k * tokens / experts) (k = 2, factor 1: GShard's 2S/E)."""
     return _ceil(capacity_factor * k * tokens / experts)
-
+def inverse_permutation(order: Tensor) -> Tensor:
+    """The positions p with order[p] = i, i.e. xs == xs[order][inverse_permutation(order)]: (m,) -> (m,)."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
 
 def assign_slots(expert: Tensor, real: Tensor, e: int, capacity: int,
                  priority: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Buffer slots for the assignments expert (t, k) of the real tokens (t,) bool, `capacity` per expert.
-
-    Every token's first choice is placed (in token order, or in the order `priority`
-    (t,) lists the tokens) before any token's second choice. In that choice-major
-    order, an assignment's slot is the number of earlier assignments to its expert: a
-    stable sort by expert gives it. Returns slot (t, k), kept (t, k), place (t, k):
-    row expert * c + slot, -1 where not kept, and source (e * c,): the assignment
-    token * k + choice each slot holds, -1 if empty.
-    """
-    t, k = expert.shape
-    device = expert.device
+    """Slots for the assignments expert (t, k) of the real tokens (t,), every first choice before any second choice,
+    in token order or in `priority`'s (t,): slot, kept, place (t, k) as in Routing, and source (e * c,)."""
+    (t, k), device = expert.shape, expert.device
     ranked, ranked_real = (expert, real) if priority is None else (expert[priority], real[priority])
-    key = ranked.t().reshape(-1).masked_fill(~ranked_real.repeat(k), e)  # (k*t,): padding after every expert
-    order = key.sort(stable=True).indices  # (k*t,)
+    key = ranked.t().reshape(-1).masked_fill(~ranked_real.repeat(k), e)  # (k*t,) choice-major; padding after all
+    order = key.sort(stable=True).indices  # (k*t,): a stable sort by expert keeps the choice-major order
     count = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
     start = count.cumsum(0) - count  # (e+1,): where each expert's run begins in `order`
-    slot = (inverse_permutation(order) - start[key]).view(k, t).t()  # (t, k): rank in the sort - run start
+    slot = (inverse_permutation(order) - start[key]).view(k, t).t()  # (t, k): earlier assignments to its expert
     if priority is not None:
         slot = slot.index_select(0, inverse_permutation(priority))  # rows back to token order
     kept = real[:, None] & (slot < capacity)  # (t, k)
@@ -359,233 +317,139 @@ def assign_slots(expert: Tensor, real: Tensor, e: int, capacity: int,
     source = source.scatter_(0, spare.reshape(-1), torch.arange(t * k, device=device))[:-1]  # (e*c,)
     return slot, kept, place, source
 
+def _load_balancing_loss(gates: Tensor, first: Tensor, real: Tensor) -> Tensor:
+    """GShard's l_aux over the real tokens (t,) bool, from the gates (t, e) and the first choices (t,)."""
+    e, n_real = gates.shape[1], real.sum().clamp_min(1)
+    mean_gate = (gates * real[:, None]).sum(dim=0) / n_real  # (e,)  m_e: mean gate value
+    first_count = torch.zeros(e, dtype=gates.dtype, device=gates.device).scatter_add_(0, first, real.to(gates.dtype))
+    first_share = first_count / n_real  # (e,)  c_e / S: share of tokens whose first choice is e
+    return e * (mean_gate * first_share).sum()  # l_aux = E * sum_e m_e * c_e / S   (1 when balanced)
 
 def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None, *,
                 second_expert: str = "argmax", normalize_before_drop: bool = False,
                 generator: Optional[torch.Generator] = None, batch_prioritized: bool = False) -> Routing:
-    """GShard's top-2 gating (Algorithm 2), as fairseq's top2gate does it.
-
-    logits: (t, e) router scores; pad_mask: (t,) True for padding tokens, which
-    take no slot, get weight 0 and are left out of the auxiliary loss. A gate
-    over a single expert routes each token to it (k = 1).
-    second_expert: "argmax" takes the second-best expert; "sampling" draws it
-    with Gumbel noise on the logits (fairseq's "sampling" policy).
-    normalize_before_drop: GShard's paper scales g1, g2 to sum 1 before the
-    capacity check; fairseq (default here) renormalises the kept weights after.
-    batch_prioritized: fairseq's batch-prioritized routing: within each choice, tokens
-    take slots in descending order of their first-choice gate value (ties: token
-    order) instead of token order; first choices still come before second choices,
-    and the second choices are ordered by the first-choice gate value too.
-    """
-    t, e = logits.shape
+    """GShard's top-2 gating (Algorithm 2) as fairseq's top2gate does it, over logits (t, e) (k = 1 if e = 1); padding
+    (pad_mask (t,)) takes no slot, gets weight 0 and no part in the aux loss. The options are MoEConfig's."""
+    (t, e), device = logits.shape, logits.device
     k = min(2, e)
-    device = logits.device
     real = torch.ones(t, dtype=torch.bool, device=device) if pad_mask is None else ~pad_mask
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in float32 at least
     gates = logits.softmax(dim=-1)  # (t, e)   g = softmax(x W_g)
     first = gates.argmax(dim=-1)  # (t,)
     if k == 2:
         others = logits.scatter(1, first[:, None], float("-inf"))  # (t, e): the first choice removed
-        if second_expert == "sampling":
+        if second_expert == "sampling":  # fairseq's policy: Gumbel noise on the logits
             uniform = torch.rand(others.shape, generator=generator, device=device, dtype=others.dtype)
             others = others - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
         expert = torch.stack([first, others.argmax(dim=-1)], dim=1)  # (t, k)
     else:
         expert = first[:, None]  # (t, 1)
-
-    # batch-prioritized: tokens take slots by descending first-choice gate value, ties in token order
-    priority = gates.gather(1, first[:, None]).squeeze(1).sort(descending=True, stable=True).indices \
-        if batch_prioritized else None  # (t,)
+    # batch-prioritized: within each choice, slots by descending first-choice gate value (ties: token order)
+    priority = (gates.gather(1, first[:, None]).squeeze(1).sort(descending=True, stable=True).indices
+                if batch_prioritized else None)  # (t,)
     slot, kept, place, source = assign_slots(expert, real, e, capacity, priority)
-
     gate = gates.gather(1, expert)  # (t, k)   g_1, g_2
-    if normalize_before_drop:
-        gate = gate / gate.sum(dim=-1, keepdim=True)  # g_i <- g_i / (g_1 + g_2)
-        weight = gate * kept
-    else:
+    if normalize_before_drop:  # GShard's paper: g_i <- g_i / (g_1 + g_2) before the capacity check
+        weight = gate / gate.sum(dim=-1, keepdim=True) * kept
+    else:  # fairseq: the kept weights renormalised
         gate = gate * kept
         weight = gate / gate.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps)
-
-    n_real = real.sum()
-    mean_gate = (gates * real[:, None]).sum(dim=0) / n_real.clamp_min(1)  # (e,)  m_e: mean gate value
-    first_count = torch.zeros(e, dtype=gates.dtype, device=device).scatter_add_(0, first, real.to(gates.dtype))
-    first_share = first_count / n_real.clamp_min(1)  # (e,)  c_e / S: share of tokens whose first choice is e
-    aux_loss = e * (mean_gate * first_share).sum()  # l_aux = E * sum_e m_e * c_e / S   (1 when balanced)
-
     load = torch.zeros(e, dtype=torch.long, device=device).scatter_add_(0, expert.reshape(-1), kept.reshape(-1).long())
-    assigned = k * n_real
+    assigned = k * real.sum()
     dropped = (assigned - load.sum()) / assigned.clamp_min(1)
+    aux_loss = _load_balancing_loss(gates, first, real)
     return Routing(expert, slot, place, weight, kept, source, capacity, aux_loss, load, assigned, dropped)
 
-
-def inverse_permutation(order: Tensor) -> Tensor:
-    """The positions p with order[p] = i, i.e. xs == xs[order][inverse_permutation(order)]: (m,) -> (m,)."""
-    return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
-
-
 def _take_rows(x: Tensor, index: Tensor, zero_missing: bool) -> Tensor:
-    """x[index] along dim 0: (n, ...) -> (m, ...). Where index is -1 the row is 0 (zero_missing)
-    or an arbitrary row of x that the caller never reads."""
+    """x[index] along dim 0: (n, ...) -> (m, ...); where index is -1, 0 (zero_missing) or a row never read."""
     if x.shape[0] == 0:  # nothing to take: every index is -1
         return x.new_zeros(index.shape[0], *x.shape[1:])
     rows = x.index_select(0, index.clamp(min=0))
-    if not zero_missing:
-        return rows
-    return rows.masked_fill((index < 0).view(-1, *[1] * (x.dim() - 1)), 0)
-
-
+    return rows.masked_fill((index < 0).view(-1, *[1] * (x.dim() - 1)), 0) if zero_missing else rows
 class _GatherRows(torch.autograd.Function):
-    """y = x[index] (rows) whose backward is a gather as well.
-
-    Rows of y where index is -1 are never read by the caller (they hold an arbitrary
-    row of x) and get no gradient. inverse[i] lists the rows of y that read row i of
-    x (-1: none), so grad_x[i] = sum_j grad_y[inverse[i, j]] needs no scatter-add:
-    no atomics, and the same bits on every run.
-    """
-
+    """y = x[index] (rows) whose backward is a gather too: inverse[i] lists the rows of y reading row i of x (-1: none),
+    so grad_x[i] = sum_j grad_y[inverse[i, j]] needs no scatter-add: no atomics, and the same bits on every run."""
     @staticmethod
     def forward(ctx, x, index, inverse):
         ctx.save_for_backward(inverse)
         return _take_rows(x, index, zero_missing=False)
-
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
         g = _take_rows(grad, inverse.reshape(-1), zero_missing=True).view(*inverse.shape, *grad.shape[1:])
         return g.sum(dim=1) if inverse.shape[1] > 1 else g.squeeze(1), None, None
 
-
 def dispatch(x: Tensor, routing: Routing, num_experts: int) -> Tensor:
-    """Gather each expert's tokens into its capacity buffer: (t, d) -> (e, c, d).
-
-    Empty slots hold an arbitrary token: their expert outputs are never read by
-    `combine`, so they carry no gradient.
-    """
-    t, d = x.shape
+    """Each expert's tokens in its capacity buffer: (t, d) -> (e, c, d); `combine` never reads an empty slot."""
     k, c = routing.expert.shape[1], routing.capacity
     token = routing.source.div(k, rounding_mode="floor")  # (e*c,): the token in each slot; -1 if empty
-    return _GatherRows.apply(x, token, routing.place).view(num_experts, c, d)  # (e, c, d)
-
-
+    return _GatherRows.apply(x, token, routing.place).view(num_experts, c, x.shape[1])  # (e, c, d)
 def combine(expert_out: Tensor, routing: Routing) -> Tensor:
-    """Weighted sum of each token's expert outputs: (e, c, d) -> (t, d).
-
-    y_t = sum_i w_ti * FFN_{e_ti}(x_t); dropped assignments have w = 0.
-    """
+    """y_t = sum_i w_ti * FFN_{e_ti}(x_t) (w = 0 where dropped): (e, c, d) -> (t, d)."""
     e, c, d = expert_out.shape
     t, k = routing.expert.shape
     picked = _GatherRows.apply(expert_out.reshape(e * c, d), routing.place.reshape(-1), routing.source[:, None])
     return (routing.weight.to(picked.dtype)[..., None] * picked.view(t, k, d)).sum(dim=1)  # (t, d)
 
+# --- 5. The GShard MoE layer ------------------------------------------------------------------------------------------
 
 class Experts(nn.Module):
     """n position-wise FFNs, FFN(x) = act(x W1 + b1) W2 + b2, evaluated as one batched matmul."""
-
     def __init__(self, n: int, d_model: int, d_ffn: int, activation: str = "relu") -> None:
         super().__init__()
-        self.n, self.d_model, self.d_ffn = n, d_model, d_ffn
-        self.activation = activation
-        self.w1 = nn.Parameter(torch.empty(n, d_model, d_ffn))
-        self.b1 = nn.Parameter(torch.empty(n, 1, d_ffn))
-        self.w2 = nn.Parameter(torch.empty(n, d_ffn, d_model))
-        self.b2 = nn.Parameter(torch.empty(n, 1, d_model))
+        self.n, self.d_model, self.d_ffn, self.activation = n, d_model, d_ffn, activation
+        self.w1, self.b1 = nn.Parameter(torch.empty(n, d_model, d_ffn)), nn.Parameter(torch.empty(n, 1, d_ffn))
+        self.w2, self.b2 = nn.Parameter(torch.empty(n, d_ffn, d_model)), nn.Parameter(torch.empty(n, 1, d_model))
         self.reset_parameters()
-
     def reset_parameters(self) -> None:
         # as nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
-        for w, b, fan_in in ((self.w1, self.b1, self.d_model), (self.w2, self.b2, self.d_ffn)):
-            nn.init.uniform_(w, -fan_in**-0.5, fan_in**-0.5)
-            nn.init.uniform_(b, -fan_in**-0.5, fan_in**-0.5)
-
+        for p, fan_in in zip((self.w1, self.b1, self.w2, self.b2), (self.d_model,) * 2 + (self.d_ffn,) * 2):
+            nn.init.uniform_(p, -fan_in**-0.5, fan_in**-0.5)
     def forward(self, x: Tensor) -> Tensor:  # (n, c, d) -> (n, c, d)
         h = torch.baddbmm(self.b1, x, self.w1)  # (n, c, f)
         h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
         return torch.baddbmm(self.b2, h, self.w2)  # (n, c, d)
 
-
-# ----------------------------------------------------------------------------
-# 4. The GShard MoE layer
-
-
+class Tier(NamedTuple):
+    """Where a gate sends its tokens: the experts of `group` (member j holds experts j*n .. j*n+n-1)."""
+    name: str  # "local", "node", "global" (or "peers"): the ledger's tag
+    group: CommGroup
+    capacity: int  # c: slots per expert, the same on every member
+    ledger: Optional[CommLedger] = None  # where the bytes are counted
 class TierRouting(NamedTuple):
     """What one tier (or the whole GShard layer) did with its tokens."""
-
     tokens: Optional[Tensor]  # (t_tier,) positions of the tier's tokens in the layer input; None: all
     first_expert: int  # global id of the tier's expert 0 (its experts are contiguous)
     routing: Routing
-
-
 class MoEOutput(NamedTuple):
     y: Tensor  # (t, d) layer output; 0 for padding
     aux_loss: Tensor  # () load-balancing loss (mean over the tiers that hold real tokens)
     tiers: dict[str, TierRouting]  # "global" for GShard; "local", "node", "global" for SCoMoE
 
-
-def send_to_experts(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], capacity: int, group: CommGroup,
-                    n: int, cfg: "MoEConfig", ledger: Optional[CommLedger], tag: str) -> tuple[Routing, Tensor]:
-    """Gate over the experts of `group`, dispatch, and send each expert its tokens.
-
-    x: (t, d); logits: (t, e) over the e = g * n experts that the g members of
-    `group` hold (member j holds experts j*n .. j*n+n-1). Every member calls this
-    with the same capacity c. Returns the routing and this rank's expert input,
-    (n, g * c, d): each of its n experts' slots from every member.
-    """
-    d, g = x.shape[1], group.size
-    routing = top2_gating(logits, capacity, pad_mask, second_expert=cfg.second_expert,
+def send_to_experts(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], tier: Tier,
+                    cfg: MoEConfig) -> tuple[Routing, Tensor]:
+    """Gate x (t, d) over the e = g * n experts of the tier's g members (logits (t, e); one capacity on every member),
+    dispatch, and send: the routing, and this rank's expert input (n, g * c, d), its slots from every member."""
+    d, g = x.shape[1], tier.group.size
+    n = logits.shape[1] // g
+    routing = top2_gating(logits, tier.capacity, pad_mask, second_expert=cfg.second_expert,
                           normalize_before_drop=cfg.normalize_before_drop,
                           batch_prioritized=cfg.batch_prioritized_routing)
     c = routing.capacity
     send = dispatch(x, routing, g * n)  # (g*n, c, d): member-major, as the experts live
-    recv = all_to_all(send.view(g * n * c, d), group, ledger=ledger, tag=tag)  # (g*n*c, d): member j's (n, c, d)
+    recv = all_to_all(send.view(g * n * c, d), tier.group, ledger=tier.ledger, tag=tier.name)  # member j's (n, c, d)
     return routing, recv.view(g, n, c, d).transpose(0, 1).reshape(n, g * c, d)  # (n, g*c, d)
-
-
-def return_from_experts(h: Tensor, routing: Routing, group: CommGroup, ledger: Optional[CommLedger],
-                        tag: str) -> Tensor:
+def return_from_experts(h: Tensor, routing: Routing, tier: Tier) -> Tensor:
     """Send the experts' outputs (n, g * c, d) back to their tokens' ranks and combine: (t, d)."""
-    n, d, g, c = h.shape[0], h.shape[2], group.size, routing.capacity
+    n, d, g, c = h.shape[0], h.shape[2], tier.group.size, routing.capacity
     back = h.view(n, g, c, d).transpose(0, 1).reshape(g * n * c, d)  # (g*n*c, d): member j's slots together
-    out = all_to_all(back, group, ledger=ledger, tag=tag).view(g * n, c, d)  # (g*n, c, d)
+    out = all_to_all(back, tier.group, ledger=tier.ledger, tag=tier.name).view(g * n, c, d)  # (g*n, c, d)
     return combine(out, routing)  # (t, d)
-
-
-def moe_tier(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], capacity: int, group: CommGroup,
-             experts: Experts, cfg: "MoEConfig", ledger: Optional[CommLedger], tag: str) -> tuple[Tensor, Routing]:
-    """One MoE over the experts of `group`: gate -> dispatch -> all-to-all -> experts -> all-to-all -> combine."""
-    routing, h = send_to_experts(x, logits, pad_mask, capacity, group, experts.n, cfg, ledger, tag)
-    return return_from_experts(experts(h), routing, group, ledger, tag), routing
-
-
-def _check_experts(cfg: "MoEConfig", topology: Topology) -> int:
-    """Experts per rank, E / W; raises before any collective if E is not a multiple of W."""
-    if cfg.num_experts % topology.world_size != 0:
-        raise ValueError(
-            f"num_experts={cfg.num_experts} is not divisible by the world size {topology.world_size}: "
-            f"every rank holds E / W experts; use a multiple of {topology.world_size}"
-        )
-    return cfg.num_experts // topology.world_size
-
-
-def _expert_range(topology: Topology, n: int, tier: str) -> tuple[int, int]:
-    """Global ids [first, last) of the experts a tier routes to: this rank's, this node's, or all."""
-    members = topology.group(tier).ranks  # contiguous ranks; rank r holds experts r*n .. r*n+n-1
-    return members[0] * n, (members[-1] + 1) * n
-
-
-def _tier_capacity(largest: int, first: int, last: int, cfg: "MoEConfig", training: bool = True,
-                   tier: str = "global") -> int:
-    """Slots per expert of a gate over experts [first, last), from the group's largest token count.
-
-    The local tier with cfg.local_no_capacity gets `largest` slots (an expert takes at most one
-    slot per token, so none is dropped); in eval mode with cfg.eval_capacity_token_fraction set,
-    ceil(fraction * largest); otherwise ceil(capacity_factor * k * largest / experts).
-    """
-    if tier == "local" and cfg.local_no_capacity:
-        return largest
-    if not training and cfg.eval_capacity_token_fraction is not None:
-        return _ceil(cfg.eval_capacity_token_fraction * largest)
-    return expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
-
+def moe_tier(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], tier: Tier, experts: Experts,
+             cfg: MoEConfig) -> tuple[Tensor, Routing]:
+    """One MoE over the tier's experts: gate -> dispatch -> all-to-all -> experts -> all-to-all -> combine."""
+    routing, h = send_to_experts(x, logits, pad_mask, tier, cfg)
+    return return_from_experts(experts(h), routing, tier), routing
 
 def _check_input(x: Tensor, pad_mask: Optional[Tensor], d_model: int, layer: str) -> None:
     """x must be (t, d_model) and pad_mask, if given, a (t,) bool tensor; shapes and dtypes only, no host sync."""
@@ -593,276 +457,186 @@ def _check_input(x: Tensor, pad_mask: Optional[Tensor], d_model: int, layer: str
         got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{layer}: x must be a (tokens, d_model={d_model}) tensor, got {got}; "
                          f"flatten batch and sequence first, e.g. x.reshape(-1, {d_model})")
-    if pad_mask is not None and not (isinstance(pad_mask, Tensor) and pad_mask.dtype == torch.bool
-                                     and pad_mask.shape == x.shape[:1]):
-        got = (f"{pad_mask.dtype} of shape {tuple(pad_mask.shape)}" if isinstance(pad_mask, Tensor)
-               else type(pad_mask).__name__)
+    is_mask = isinstance(pad_mask, Tensor)
+    if pad_mask is not None and not (is_mask and pad_mask.dtype == torch.bool and pad_mask.shape == x.shape[:1]):
+        got = f"{pad_mask.dtype} of shape {tuple(pad_mask.shape)}" if is_mask else type(pad_mask).__name__
         raise ValueError(f"{layer}: pad_mask must be a bool tensor of shape ({x.shape[0]},), one flag per token "
                          f"of x, got {got}; e.g. pad_mask.reshape(-1).bool()")
-
-
 def _real_tokens(t: int, pad_mask: Optional[Tensor]) -> int:
-    """Tokens that are not padding, as a host integer: the layers' one device-to-host copy, made only
-    when a padding mask is given (capacities and tier sizes are shapes, known on the host)."""
+    """Real tokens as a host integer: the layers' one device-to-host copy, only with a mask (capacities are shapes)."""
     return t if pad_mask is None else t - int(pad_mask.sum())
-
-
 def _mean_aux(losses: list[Tensor], like: Tensor) -> Tensor:
     """The mean of the tiers' auxiliary losses (0 when no tier ran)."""
     return torch.stack(losses).mean() if losses else like.new_zeros((), dtype=torch.float32)
 
-
-class GShardMoE(nn.Module):
-    """The GShard MoE layer: top-2 over all E experts, one all-to-all over the world each way."""
-
-    def __init__(self, cfg: "MoEConfig", topology: Topology) -> None:
+class _MoELayer(nn.Module):
+    """Every MoE layer's config, topology, n = E / W experts per rank, router W_g over all E, experts, and ledger."""
+    def __init__(self, cfg: MoEConfig, topology: Topology) -> None:
         super().__init__()
-        n = _check_experts(cfg, topology)
-        self.cfg, self.topology = cfg, topology
+        if cfg.num_experts % topology.world_size != 0:
+            raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the world size {topology.world_size}: "
+                             f"every rank holds E / W experts; use a multiple of {topology.world_size}")
+        self.cfg, self.topology, self.n = cfg, topology, cfg.num_experts // topology.world_size
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)  # W_g
-        self.experts = Experts(n, cfg.d_model, cfg.d_ffn, cfg.activation)  # this rank's n experts
+        self.experts = self._experts()
         self.ledger = CommLedger()
+    def _experts(self) -> nn.Module:
+        return Experts(self.n, self.cfg.d_model, self.cfg.d_ffn, self.cfg.activation)  # this rank's n experts
+    def _tier(self, name: str, largest: int) -> tuple[Tier, int, int]:
+        """Tier `name` (capacity for the group's largest real-token count) and its experts' ids [first, last)."""
+        group, cfg = self.topology.group(name), self.cfg
+        first, last = group.ranks[0] * self.n, (group.ranks[-1] + 1) * self.n  # rank r holds experts r*n .. r*n+n-1
+        if name == "local" and cfg.local_no_capacity:  # the least that cannot bind: an expert takes one slot per token
+            capacity = largest
+        elif not self.training and cfg.eval_capacity_token_fraction is not None:  # whatever the experts, k or factor
+            capacity = _ceil(cfg.eval_capacity_token_fraction * largest)
+        else:
+            capacity = expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
+        return Tier(name, group, capacity, self.ledger), first, last
+    def _no_output(self, x: Tensor) -> MoEOutput:
+        """The output when no rank of the group holds a real token: 0 everywhere, no tier ran."""
+        return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
 
+class GShardMoE(_MoELayer):
+    """The GShard MoE layer: top-2 over all E experts, one all-to-all over the world each way."""
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         _check_input(x, pad_mask, self.cfg.d_model, "GShardMoE")
         counts = self.topology.gather_counts(_real_tokens(x.shape[0], pad_mask))  # real tokens of every rank
         if max(counts) == 0:
-            return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
-        capacity = _tier_capacity(max(counts), 0, self.cfg.num_experts, self.cfg, self.training)
-        logits = self.router(x)  # (t, E)
-        y, routing = moe_tier(x, logits, pad_mask, capacity, self.topology.world, self.experts,
-                              self.cfg, self.ledger, "global")
+            return self._no_output(x)
+        tier, _, _ = self._tier("global", max(counts))
+        y, routing = moe_tier(x, self.router(x), pad_mask, tier, self.experts, self.cfg)  # router: (t, E)
         return MoEOutput(y, routing.aux_loss, {"global": TierRouting(None, 0, routing)})
 
-
-# ----------------------------------------------------------------------------
-# 5. SCoMoE-Seq (paper: "SCoMoE-Seq", slicing the token dimension)
-
+# --- 6. SCoMoE-Seq (paper: "SCoMoE-Seq", slicing the token dimension) -------------------------------------------------
 
 def three_way_split(total: int, ratio1: float, ratio2: float, num_nodes: int,
                     multiple: int = 1) -> tuple[int, int, int]:
-    """Split `total` (tokens for Seq, model width for Feat) into local, node and global parts.
-
-    local = int(ratio1 * total), node = int(ratio2 * total), global = the rest, the
-    first two rounded down to a multiple of `multiple`. With one node there is no
-    global part (the node's experts are all experts), and with ratio1 + ratio2 = 1
-    there is none either: node takes the rest.
-    """
+    """`total` (tokens for Seq, width for Feat) into local = int(ratio1 * total), node = int(ratio2 * total), both
+    rounded down to a multiple of `multiple`, and global = the rest; one node, or ratio1 + ratio2 = 1: no global."""
     local = _floor(ratio1 * total / multiple) * multiple
     if num_nodes == 1 or round(ratio1 + ratio2, 9) == 1:
-        node = total - local
-    else:
-        node = _floor(ratio2 * total / multiple) * multiple
+        return local, total - local, 0
+    node = _floor(ratio2 * total / multiple) * multiple
     return local, node, total - local - node
-
 
 def seq_select(scores: Tensor, sizes: tuple[int, int, int], topology: Topology, n: int,
                pad_mask: Optional[Tensor] = None) -> list[Tensor]:
-    """Token positions of the local, node and global tiers (each in token order).
-
-    scores: (t, E) detached router scores, viewed as (t, N, G, n); sizes: the
-    tiers' real (non-padding) token counts. The local tier takes the sizes[0] real
-    tokens with the highest mean score over this rank's experts, the node tier the
-    sizes[1] of the rest with the highest mean score over this node's experts, the
-    global tier the remainder. Padding joins the local tier, where it costs no
-    communication. Ties go to the earlier token (stable sorts).
-    """
-    t = scores.shape[0]
-    n_real = sum(sizes)
+    """Token positions of the local, node and global tiers, each in token order, from detached scores (t, E) and the
+    tiers' real-token counts: the best by mean score over this rank's experts, then over this node's, then the rest."""
+    t, n_real = scores.shape[0], sum(sizes)
     view = scores.view(t, topology.num_nodes, topology.ranks_per_node, n)  # (t, N, G, n)
     local_score = view[:, topology.node_rank, topology.local_rank].mean(dim=-1)  # (t,)
     node_score = view[:, topology.node_rank].mean(dim=(-1, -2))  # (t,)
-    if pad_mask is not None:
-        local_score = local_score.masked_fill(pad_mask, float("-inf"))  # padding sorts after every real token
-    by_local = local_score.sort(descending=True, stable=True).indices  # (t,): real tokens first, by score
+    if pad_mask is not None:  # padding sorts after every real token and joins the local tier, where it costs nothing
+        local_score = local_score.masked_fill(pad_mask, float("-inf"))
+    by_local = local_score.sort(descending=True, stable=True).indices  # (t,): by score, ties to the earlier token
     rest = by_local[sizes[0]:n_real]  # (t_node + t_global,)
     by_node = rest[node_score[rest].sort(descending=True, stable=True).indices]
     tiers = [torch.cat([by_local[:sizes[0]], by_local[n_real:]]), by_node[:sizes[1]], by_node[sizes[1]:]]
     return [idx.sort().values for idx in tiers]  # token order: GShard's capacity priority within a tier
 
-
-class SCoMoESeq(nn.Module):
-    """SCoMoE-Seq: one router over all experts; each token served by the local, node or global tier.
-
-    Local tier: int(alpha * t) tokens gated over this rank's experts, no
-    communication. Node tier: int(beta * t) tokens, top-2 over the node's
-    experts, all-to-all inside the node. Global tier: the rest, top-2 over all
-    experts, all-to-all over the world. t counts real tokens; padding joins the
-    local tier. The tiers share the experts, which run once on all three tiers'
-    tokens. Inter-node bytes fall to about (1 - alpha - beta) of GShard's.
-    """
-
-    def __init__(self, cfg: "MoEConfig", topology: Topology) -> None:
-        super().__init__()
-        self.n = _check_experts(cfg, topology)
-        self.cfg, self.topology = cfg, topology
-        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)  # W_g, one router over all E
-        self.experts = Experts(self.n, cfg.d_model, cfg.d_ffn, cfg.activation)
-        self.ledger = CommLedger()
-
+class SCoMoESeq(_MoELayer):
+    """SCoMoE-Seq: of the t real tokens, int(alpha t) are gated over this rank's experts (no communication), int(beta t)
+    over the node's, the rest over all, sharing the experts: about 1 - alpha - beta of GShard's inter-node bytes."""
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         _check_input(x, pad_mask, self.cfg.d_model, "SCoMoESeq")
         topo, cfg = self.topology, self.cfg
         mine = three_way_split(_real_tokens(x.shape[0], pad_mask), cfg.ratio1, cfg.ratio2, topo.num_nodes)
-        # every rank's tier sizes fix each tier's capacity; with ratio1 = 1 every real token is local
-        # on every rank and nothing is exchanged: the layer runs no collective at all
+        # every rank's tier sizes fix each tier's capacity; with ratio1 = 1 every real token is local on every rank
+        # and nothing is exchanged: the layer runs no collective at all
         everyone = None if cfg.ratio1 == 1 else [
             three_way_split(c, cfg.ratio1, cfg.ratio2, topo.num_nodes) for c in topo.gather_counts(sum(mine))]
         logits = self.router(x)  # (t, E)
         tokens = seq_select(logits.detach(), mine, topo, self.n, pad_mask)
-
-        routed = []  # (tier, token positions, routing, this rank's expert input)
-        for i, tier in enumerate(TIERS):
-            group = topo.group(tier)
-            largest = mine[i] if everyone is None else max(everyone[r][i] for r in group.ranks)
+        routed = []  # (tier, token positions, first expert, routing, this rank's expert input)
+        for i, name in enumerate(TIERS):
+            largest = mine[i] if everyone is None else max(everyone[r][i] for r in topo.group(name).ranks)
             if largest == 0:  # no member has real tokens here: the whole group skips the tier
                 continue
-            first, last = _expert_range(topo, self.n, tier)
+            tier, first, last = self._tier(name, largest)
             idx = tokens[i]  # (t_tier,)
             routing, h = send_to_experts(x.index_select(0, idx), logits.index_select(0, idx)[:, first:last],
-                                         None if pad_mask is None else pad_mask[idx],
-                                         _tier_capacity(largest, first, last, cfg, self.training, tier),
-                                         group, self.n, cfg, self.ledger, tier)
-            routed.append((tier, idx, routing, h))
+                                         None if pad_mask is None else pad_mask[idx], tier, cfg)
+            routed.append((tier, idx, first, routing, h))
         if not routed:  # no real token on any rank
-            return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
+            return self._no_output(x)
         # the tiers share the experts: one batched FFN over every tier's slots
         outs = self.experts(torch.cat([h for *_, h in routed], dim=1)).split([h.shape[1] for *_, h in routed], dim=1)
         y = x.new_zeros(x.shape)  # (t, d); padding in a skipped tier keeps 0
-        for (tier, idx, routing, _), h in zip(routed, outs):
-            y = y.index_copy(0, idx, return_from_experts(h, routing, topo.group(tier), self.ledger, tier))
-        tiers = {tier: TierRouting(idx, _expert_range(topo, self.n, tier)[0], routing)
-                 for tier, idx, routing, _ in routed}
-        losses = [tiers[tier].routing.aux_loss for i, tier in enumerate(TIERS) if tier in tiers and mine[i] > 0]
+        for (tier, idx, _, routing, _), h in zip(routed, outs):
+            y = y.index_copy(0, idx, return_from_experts(h, routing, tier))
+        tiers = {tier.name: TierRouting(idx, first, routing) for tier, idx, first, routing, _ in routed}
+        losses = [tiers[name].routing.aux_loss for i, name in enumerate(TIERS) if name in tiers and mine[i] > 0]
         return MoEOutput(y, _mean_aux(losses, x), tiers)
 
+# --- 7. SCoMoE-Feat (paper: "SCoMoE-Feat", slicing the feature dimension) ---------------------------------------------
 
-# ----------------------------------------------------------------------------
-# 6. SCoMoE-Feat (paper: "SCoMoE-Feat", slicing the feature dimension)
-
-
-def feat_widths(cfg: "MoEConfig", num_nodes: int) -> tuple[int, int, int]:
-    """Widths (d_local, d_node, d_global) of the three slices, multiples of cfg.feat_multiple;
-    a ratio > 0 must give a slice > 0."""
+def feat_widths(cfg: MoEConfig, num_nodes: int) -> tuple[int, int, int]:
+    """Widths (d_local, d_node, d_global) of the slices, multiples of cfg.feat_multiple; a ratio > 0: a slice > 0."""
     widths = three_way_split(cfg.d_model, cfg.ratio1, cfg.ratio2, num_nodes, cfg.feat_multiple)
     for tier, ratio, width in zip(TIERS[:2], (cfg.ratio1, cfg.ratio2), widths):
         if ratio > 0 and width == 0:
-            raise ValueError(
-                f"SCoMoE-Feat: the {tier} slice of d_model={cfg.d_model} at ratio {ratio} has width 0 "
-                f"(widths are multiples of feat_multiple={cfg.feat_multiple}); raise the ratio to at least "
-                f"{cfg.feat_multiple}/{cfg.d_model}, lower feat_multiple, or set the ratio to 0"
-            )
+            raise ValueError(f"SCoMoE-Feat: the {tier} slice of d_model={cfg.d_model} at ratio {ratio} has width 0 "
+                             f"(widths are multiples of feat_multiple={cfg.feat_multiple}); raise the ratio to at "
+                             f"least {cfg.feat_multiple}/{cfg.d_model}, lower feat_multiple, or set the ratio to 0")
     return widths
 
-
-class SCoMoEFeat(nn.Module):
-    """SCoMoE-Feat: d_model split into local / node / global slices, each routed within its tier.
-
-    Every expert is three FFNs, one per slice width (each with the full hidden
-    size d_ffn). The router reads the full vector; the local slice is gated over
-    this rank's experts, the node slice over the node's, the global slice over
-    all. The outputs are concatenated back to d_model. Inter-node bytes fall to
-    d_global / d_model of GShard's.
-    """
-
-    def __init__(self, cfg: "MoEConfig", topology: Topology) -> None:
-        super().__init__()
-        n = _check_experts(cfg, topology)
-        self.cfg, self.topology, self.n = cfg, topology, n
-        self.widths = feat_widths(cfg, topology.num_nodes)  # (d_local, d_node, d_global)
-        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)  # W_g reads the full vector
-        self.experts = nn.ModuleDict({
-            tier: Experts(n, width, cfg.d_ffn, cfg.activation) for tier, width in zip(TIERS, self.widths) if width > 0
-        })
-        self.ledger = CommLedger()
-
+class SCoMoEFeat(_MoELayer):
+    """SCoMoE-Feat: d_model split into local / node / global slices, gated over this rank's, the node's and all
+    experts, the outputs concatenated back to d_model. Inter-node bytes: d_global / d_model of GShard's."""
+    def _experts(self) -> nn.Module:  # every expert is three FFNs, one per slice width, each with the full d_ffn
+        self.widths = feat_widths(self.cfg, self.topology.num_nodes)  # (d_local, d_node, d_global)
+        return nn.ModuleDict({tier: Experts(self.n, width, self.cfg.d_ffn, self.cfg.activation)
+                              for tier, width in zip(TIERS, self.widths) if width > 0})
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         _check_input(x, pad_mask, self.cfg.d_model, "SCoMoEFeat")
         topo, cfg = self.topology, self.cfg
         n_real = _real_tokens(x.shape[0], pad_mask)
         # the node and global slices need every rank's count for their capacity; the local slice does not
         counts = topo.gather_counts(n_real) if self.widths[1] + self.widths[2] > 0 else None
-        logits = self.router(x)  # (t, E)
-        slices = x.split(self.widths, dim=-1)  # (t, d_local), (t, d_node), (t, d_global)
-
+        logits = self.router(x)  # (t, E): the router reads the full vector
         outputs, tiers = [], {}
-        for tier, x_slice in zip(TIERS, slices):
-            if tier not in self.experts:  # a slice of width 0
+        for name, x_slice in zip(TIERS, x.split(self.widths, dim=-1)):  # (t, d_local), (t, d_node), (t, d_global)
+            if name not in self.experts:  # a slice of width 0
                 continue
-            group = topo.group(tier)
-            largest = n_real if counts is None or tier == "local" else max(counts[r] for r in group.ranks)
+            largest = n_real if counts is None or name == "local" else max(counts[r] for r in topo.group(name).ranks)
             if largest == 0:  # no member has real tokens: the slice's output is 0
                 outputs.append(x_slice.new_zeros(x_slice.shape))
                 continue
-            first, last = _expert_range(topo, self.n, tier)
-            capacity = _tier_capacity(largest, first, last, cfg, self.training, tier)
-            y, routing = moe_tier(x_slice, logits[:, first:last], pad_mask, capacity,
-                                  group, self.experts[tier], cfg, self.ledger, tier)
+            tier, first, last = self._tier(name, largest)
+            y, routing = moe_tier(x_slice, logits[:, first:last], pad_mask, tier, self.experts[name], cfg)
             outputs.append(y)
-            tiers[tier] = TierRouting(None, first, routing)
+            tiers[name] = TierRouting(None, first, routing)
         losses = [tr.routing.aux_loss for tr in tiers.values()] if n_real > 0 else []
         return MoEOutput(torch.cat(outputs, dim=-1), _mean_aux(losses, x), tiers)  # (t, d)
 
-
-# ----------------------------------------------------------------------------
-# 7. Node-limited routing (a baseline beside SCoMoE, not in the paper)
-
+# --- 8. Node-limited routing (a baseline beside SCoMoE, not in the paper) ---------------------------------------------
 
 def node_choice(gates: Tensor, num_nodes: int) -> Tensor:
-    """The node each token's experts are restricted to (M = 1 node per token): (t, E) -> (t,).
-
-    A node's score is the sum of its k = 2 highest gate values (DeepSeek-V3's node-limited
-    routing with K_r / M = 2); the best node wins, ties to the lower node.
-    """
+    """The node each token's experts are restricted to (M = 1): (t, E) -> (t,), the one whose k = 2 best gate values sum
+    highest (DeepSeek-V3's node-limited routing, K_r / M = 2), ties to the lower node."""
     t, E = gates.shape
     per_node = gates.view(t, num_nodes, E // num_nodes)  # (t, N, G*n)
     return per_node.topk(min(2, E // num_nodes), dim=-1).values.sum(dim=-1).argmax(dim=-1)  # (t,)
 
-
-class NodeLimitedMoE(nn.Module):
-    """Top-2 restricted to the experts of one node per token, sent over two hops.
-
-    The other way to cut inter-node bytes (DeepSeek-V3's node-limited routing, M = 1):
-    each token picks the node whose two best experts score highest; hop 1 sends the
-    token once to its peer on that node (the rank at the same local slot; capacity
-    ceil(cf * t / N) per destination node, token order), hop 2 is top-2 gating over
-    that node's G * n experts with an all-to-all inside the node. A GShard token reaches
-    up to two nodes with two copies; here one copy crosses at most one node boundary, so
-    inter-node bytes are about half of GShard's on 2 nodes. The receiving rank applies
-    the (replicated) router to the tokens it gets rather than receiving their scores; a
-    flag column marks the filled slots. The aux loss is GShard's over all E experts,
-    with each token's first choice taken inside its node.
-    """
-
-    def __init__(self, cfg: "MoEConfig", topology: Topology) -> None:
-        super().__init__()
-        self.n = _check_experts(cfg, topology)
-        self.cfg, self.topology = cfg, topology
-        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)  # W_g
-        self.experts = Experts(self.n, cfg.d_model, cfg.d_ffn, cfg.activation)
-        self.ledger = CommLedger()
-
+class NodeLimitedMoE(_MoELayer):
+    """Top-2 inside one node per token (node_choice), the other way to cut inter-node bytes: hop 1 sends the token once
+    to its peer on that node (ceil(cf * t / N) slots per node), hop 2 is top-2 over that node's G * n experts. One copy
+    crosses at most one node boundary (GShard's two may reach two nodes): about half the inter-node bytes on 2 nodes."""
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         topo, cfg = self.topology, self.cfg
         t, d = x.shape
-        N, E, node_experts = topo.num_nodes, cfg.num_experts, cfg.num_experts // topo.num_nodes
+        N, node_experts = topo.num_nodes, cfg.num_experts // topo.num_nodes
         largest = max(topo.gather_counts(_real_tokens(t, pad_mask)))
         if largest == 0:
-            return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
+            return self._no_output(x)
         real = torch.ones(t, dtype=torch.bool, device=x.device) if pad_mask is None else ~pad_mask
         logits = self.router(x)  # (t, E)
         gates = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # (t, E)
         node = node_choice(gates.detach(), N)  # (t,)
-
-        # aux: GShard's l_aux = E * sum_e m_e * c_e / S, the first choice taken inside the token's node
-        first = gates.detach().view(t, N, node_experts)[torch.arange(t, device=x.device), node].argmax(dim=-1)
-        first = node * node_experts + first  # (t,) global expert ids
-        n_real = real.sum().clamp_min(1)
-        mean_gate = (gates * real[:, None]).sum(dim=0) / n_real  # (E,)
-        first_share = torch.zeros(E, dtype=gates.dtype, device=x.device).scatter_add_(
-            0, first, real.to(gates.dtype)) / n_real  # (E,)
-        aux_loss = E * (mean_gate * first_share).sum()
-
+        first = gates.detach().view(t, N, node_experts)[torch.arange(t, device=x.device), node].argmax(dim=-1)  # (t,)
+        aux_loss = _load_balancing_loss(gates, node * node_experts + first, real)  # first choices inside the node
         # hop 1: each token once to its peer on the chosen node; slots in token order, c1 per node
         c1 = expert_capacity(largest, N, 1, cfg.capacity_factor)
         slot, kept, place, source = assign_slots(node[:, None], real, N, c1)  # place: (t, 1), source: (N*c1,)
@@ -870,610 +644,35 @@ class NodeLimitedMoE(nn.Module):
         filled = torch.cat([flagged, flagged.new_zeros(1, d + 1)])  # (t+1, d+1): row t is an empty slot
         send = filled[torch.where(source < 0, t, source)]  # (N*c1, d+1): node-major
         recv = all_to_all(send, topo.peers, ledger=self.ledger, tag="peers")  # (N*c1, d+1): from every node
-
-        # hop 2: top-2 over this node's experts, all-to-all inside the node
+        # hop 2: top-2 over this node's experts, all-to-all inside the node; the receiving rank applies the
+        # (replicated) router itself rather than receiving the scores
         x2, empty = recv[:, :d], recv[:, d] < 0.5  # (N*c1, d), (N*c1,)
         lo = topo.node_rank * node_experts
-        y2, routing = moe_tier(x2, self.router(x2)[:, lo:lo + node_experts], empty,
-                               expert_capacity(largest, node_experts, min(2, node_experts), cfg.capacity_factor),
-                               topo.node, self.experts, cfg, self.ledger, "node")
-
+        c2 = expert_capacity(largest, node_experts, min(2, node_experts), cfg.capacity_factor)
+        tier = Tier("node", topo.node, c2, self.ledger)
+        y2, routing = moe_tier(x2, self.router(x2)[:, lo:lo + node_experts], empty, tier, self.experts, cfg)
         back = all_to_all(y2, topo.peers, ledger=self.ledger, tag="peers")  # (N*c1, d): each token's output
         y = torch.cat([back, back.new_zeros(1, d)])[torch.where(place[:, 0] < 0, N * c1, place[:, 0])]  # (t, d)
-        hop1 = Routing(node[:, None], slot, place, kept.to(x.dtype), kept, source, c1, aux_loss,
-                       kept.sum(dim=0).new_zeros(N).scatter_add_(0, node, kept[:, 0].long()), real.sum(),
-                       (real.sum() - kept.sum()) / n_real)
-        return MoEOutput(y, aux_loss, {"peers": TierRouting(None, 0, hop1),
-                                       "node": TierRouting(None, lo, routing)})
+        n_kept = kept.sum(dim=0).new_zeros(N).scatter_add_(0, node, kept[:, 0].long())  # (N,)
+        hop1 = Routing(node[:, None], slot, place, kept.to(x.dtype), kept, source, c1, aux_loss, n_kept, real.sum(),
+                       (real.sum() - kept.sum()) / real.sum().clamp_min(1))
+        return MoEOutput(y, aux_loss, {"peers": TierRouting(None, 0, hop1), "node": TierRouting(None, lo, routing)})
 
-
-# ----------------------------------------------------------------------------
-# 8. Configuration
-
-
-@dataclass(frozen=True)
-class MoEConfig:
-    """One MoE layer's settings, shared by GShardMoE, SCoMoESeq and SCoMoEFeat.
-
-    Every value is checked here, at construction, before any collective runs;
-    the layers check the rest against the topology (E divisible by W, Feat slices).
-    """
-
-    d_model: int  # model width d
-    d_ffn: int  # hidden width of each expert's FFN
-    num_experts: int  # E: experts in the whole world; each rank holds E / W of them
-    capacity_factor: float = 1.0  # slots per expert C = ceil(capacity_factor * k * tokens / experts)
-    ratio1: float = 0.0  # alpha: share of tokens (Seq) or width (Feat) served inside the device
-    ratio2: float = 0.0  # beta: share served inside the node; the rest, 1 - alpha - beta, is global
-    second_expert: str = "argmax"  # "argmax": the second-best expert; "sampling": Gumbel-sampled
-    normalize_before_drop: bool = False  # True: GShard's paper; False: fairseq (kept weights renormalised)
-    activation: str = "relu"  # expert FFN activation: "relu" or "gelu"
-    feat_multiple: int = 8  # Feat slice widths are rounded down to a multiple of this (aligned GEMMs); 1: exact
-    # fairseq's batch_prioritized_routing (the authors train with it): within each choice, tokens take
-    # expert slots in descending order of their first-choice gate value (ties: token order) instead of
-    # token order; all first choices still come before all second choices, and the second choices are
-    # ordered by the first-choice gate value as well (not by their own), as fairseq's top2gating does
-    batch_prioritized_routing: bool = False
-    # fairseq's moe_eval_capacity_token_fraction (the authors evaluate with 0.5): a layer in eval mode
-    # gives every expert ceil(fraction * tokens) slots, tokens being the group's largest real-token
-    # count of the tier, whatever the number of experts, k or capacity_factor; None: the training formula
-    eval_capacity_token_fraction: Optional[float] = None
-    # the authors' local tier (Seq's local tokens, Feat's local slice) never drops a token: its experts
-    # get as many slots as the rank has real tokens in the tier, the smallest capacity that cannot bind
-    # (an expert takes at most one slot per token); it overrides both capacity formulas for that tier
-    local_no_capacity: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("d_model", "d_ffn", "num_experts", "feat_multiple"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # True is an int
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        for name in ("capacity_factor", "ratio1", "ratio2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{name}={value!r} must be a finite number (an int or a float)")
-        if not isinstance(self.normalize_before_drop, bool):  # a string such as 'no' would be truthy
-            raise ValueError(f"normalize_before_drop={self.normalize_before_drop!r} must be True or False")
-        if not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0 (1.0 gives GShard's C = 2S/E)")
-        for name in ("ratio1", "ratio2"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}={value} must lie in [0, 1] (it is a share of the tokens or of d_model)")
-        if round(self.ratio1 + self.ratio2, 9) > 1:
-            raise ValueError(
-                f"ratio1 + ratio2 = {self.ratio1} + {self.ratio2} > 1: the local and node shares "
-                f"cannot exceed the whole; lower one of them"
-            )
-        if self.second_expert not in ("argmax", "sampling"):
-            raise ValueError(f"second_expert={self.second_expert!r} must be 'argmax' or 'sampling'")
-        if self.activation not in ("relu", "gelu"):
-            raise ValueError(f"activation={self.activation!r} must be 'relu' or 'gelu'")
-        for name in ("batch_prioritized_routing", "local_no_capacity"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
-        fraction = self.eval_capacity_token_fraction
-        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
-                                     or not 0 < fraction <= 1):
-            raise ValueError(
-                f"eval_capacity_token_fraction={fraction!r} must lie in (0, 1] (a share of the tokens), "
-                f"or be None for the training capacity formula at eval time"
-            )
-
-
-def make_moe_layer(kind: str, cfg: MoEConfig, topology: Topology) -> nn.Module:
-    """The MoE layer of a kind: "gshard", "seq", "feat" or "node-limited"."""
-    layers = {"gshard": GShardMoE, "seq": SCoMoESeq, "feat": SCoMoEFeat, "node-limited": NodeLimitedMoE}
-    if kind not in layers:
-        raise ValueError(f"kind={kind!r} must be one of {sorted(layers)}")
-    return layers[kind](cfg, topology)
-
-
-# ----------------------------------------------------------------------------
-# 9. Balanced router and differentiable sorting (paper: "Token clustering")
-
-# The balanced assignment problem: T tokens, C clusters, exactly m = T / C
-# tokens per cluster, maximal total score. It is an assignment problem in which
-# each cluster is an object with m identical copies; BASE layers solve it with
-# Bertsekas' auction algorithm, and so do we, vectorised in torch.
-#   s(t, c)  score of token t for cluster c                 (T, C)
-#   p(c)     price of cluster c                             (C)
-#   v(t, c)  value s(t, c) - p(c), what t gains by joining c (T, C)
-# Invariant for every token t holding cluster c (eps-complementary slackness):
-#   s(t, c) - p(c) >= max_k (s(t, k) - p(k)) - eps                        (CS)
-# Once every token holds a cluster and (CS) holds, the total is within T * eps
-# of the optimum. A cluster holds at most m tokens, each with its bid on record;
-# p(c) is the lowest bid c holds once full, and the phase's floor before that.
-
-_NEG_INF = float("-inf")
-
-# eps scaling: the first phase uses eps = _START_FRACTION * (score range); each
-# later phase divides eps by _EPS_FACTOR until the final eps is reached.  (With
-# no scaling, inputs with many ties, such as integer scores or identical
-# rows, turn into long price wars; NOTES.md gives round counts.)
-_START_FRACTION = 0.25
-_EPS_FACTOR = 6.0
-# eps must stay well above float64 rounding of prices of size `scale`
-_MIN_EPS_REL = 1e-13
-# The default final eps, in standard deviations of the scores: the gap to the optimum is at most
-# T * eps = 1e-7 * T * std, ten times inside a target of 1e-6 * T * std (measured gaps are far smaller).
-_EPS_PER_STD = 1e-7
-# A safety net so that a bug cannot turn into an endless loop.  The auction
-# always terminates, as the comment in _run_rounds explains.
-_MAX_ROUNDS_PER_PHASE = 1_000_000
-
-
-def _check_scores(scores) -> tuple[int, int]:
-    if not isinstance(scores, Tensor):
-        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if scores.dim() != 2:
-        raise ValueError(
-            f"scores must be 2-D (T tokens, C clusters), got shape {tuple(scores.shape)}; "
-            "flatten the batch and sequence dims into T first, e.g. scores.reshape(-1, C)"
-        )
-    if not scores.is_floating_point():
-        raise ValueError(f"scores must be a floating point tensor, got dtype {scores.dtype}")
-    T, C = scores.shape
-    if C < 1 or T < C or T % C != 0:
-        fix = (
-            f"pad the tokens to T' = {max(C, -(-T // C) * C)} rows with masked padding "
-            "tokens whose score row is constant and below every real token's score "
-            "(padding_scores does this), then drop the padding rows from the result"
-            if C >= 1 else "give at least one cluster"
-        )
-        raise ValueError(
-            f"balanced assignment needs T to be a positive multiple of C (every cluster "
-            f"gets exactly T // C tokens), got T={T} tokens and C={C} clusters; {fix}"
-        )
-    return T, C
-
-
-def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float, float]:
-    """(any NaN, any +inf, any -inf, a row all -inf, smallest and largest finite score, standard deviation
-    of the finite scores) of s (T, C), in one host sync."""
-    forbidden = torch.isneginf(s)  # (T, C)
-    finite = s.isfinite()  # (T, C)
-    facts = torch.stack([s.isnan().any(), s.isposinf().any(), forbidden.any(), forbidden.all(dim=1).any()]).to(s.dtype)
-    lo = torch.where(finite, s, torch.inf).amin().reshape(1)
-    hi = torch.where(finite, s, -torch.inf).amax().reshape(1)
-    count = finite.sum().clamp(min=1)
-    big = torch.where(finite, s, 0).abs().amax().clamp(min=torch.finfo(s.dtype).tiny)  # divided out: no overflow
-    z = torch.where(finite, s / big, 0)  # (T, C) in [-1, 1]
-    std = (torch.where(finite, z - z.sum() / count, 0).square().sum() / count).sqrt().mul(big).reshape(1)
-    nan, posinf, neginf, dead_row, lo, hi, std = torch.cat([facts, lo, hi, std]).tolist()
-    return bool(nan), bool(posinf), bool(neginf), bool(dead_row), lo, hi, std
-
-
-def _feasible(allowed: Tensor, m: int) -> bool:
-    """Whether some assignment of m tokens to every cluster uses allowed pairs only.
-
-    allowed: (T, C) bool, no row all False. A max flow by augmenting paths on the C clusters, with
-    the tokens counted by pattern (a row of allowed), so that the cost does not grow with T beyond
-    one sort. The tokens of each pattern start spread evenly over its clusters; while a cluster
-    holds more than m, a breadth-first search looks for a chain of clusters a -> b -> ... -> z, each
-    holding a token allowed in the next, from an overfull a to an underfull z, and moves as many
-    tokens as fit along it. If there is none, the clusters R reachable from the overfull ones hold
-    more than m |R| tokens, all allowed only in R: Hall's condition fails, and no assignment exists.
-    """
-    pattern, n = allowed.cpu().unique(dim=0, return_counts=True)       # (P, C), (P,)
-    pat = pattern.long()                                                  # (P, C)
-    k = pat.sum(dim=1)                                                    # (P,) clusters each pattern allows
-    # the n % k extra tokens of pattern p go to its allowed clusters from the (p mod k)-th on, so
-    # that patterns of one token do not all pile into their lowest cluster
-    turn = (pat.cumsum(dim=1) - 1 - torch.arange(len(n))[:, None]) % k[:, None]   # (P, C)
-    x = (pat * (n // k)[:, None] + (pattern & (turn < (n % k)[:, None])).long()).t().contiguous()  # (C, P)
-    patt = pat.t().contiguous()                                           # (C, P)
-    load = x.sum(dim=1)                                                   # (C) tokens in each cluster
-    edge = x @ pat                                                        # (C, C) tokens in a allowed in b
-    C = allowed.shape[1]
-    for _ in range(int(allowed.shape[0]) + 1):                            # each pass moves >= 1 token home
-        over = load > m                                                   # (C)
-        if not bool(over.any()):
-            return True
-        parent = torch.full((C,), -1, dtype=torch.long)                   # (C) the cluster a move comes from
-        seen, frontier, end = over.clone(), over.nonzero().squeeze(1), -1
-        while frontier.numel() > 0 and end < 0:                           # breadth first: shortest chains
-            step = edge[frontier] > 0                                     # (F, C)
-            new = step.any(dim=0) & ~seen                                 # (C)
-            parent[new] = frontier[step[:, new].long().argmax(dim=0)]
-            seen |= new
-            frontier = new.nonzero().squeeze(1)
-            short = frontier[load[frontier] < m]
-            end = int(short[0]) if short.numel() > 0 else -1
-        if end < 0:
-            return False
-        chain = [end]
-        while parent[chain[-1]] >= 0:
-            chain.append(int(parent[chain[-1]]))                          # z, ..., a
-        amount = min(int(load[chain[-1]]) - m, m - int(load[end]),
-                     *(int(edge[a, b]) for b, a in zip(chain, chain[1:])))
-        for b, a in zip(chain, chain[1:]):                                # from z back: a's tokens are its own
-            avail = x[a] * patt[b]                                        # (P) tokens in a allowed in b
-            take = (amount - (avail.cumsum(0) - avail)).clamp(min=0).minimum(avail)  # (P)
-            x[a] -= take
-            x[b] += take
-            some = take.nonzero().squeeze(1)
-            moved = take[some] @ pat[some]                                # (C) their allowed clusters
-            edge[a] -= moved
-            edge[b] += moved
-        load[chain[-1]] -= amount
-        load[end] += amount
-    raise RuntimeError("feasibility check did not terminate; this is a bug, please report the input")
-
-
-def _bid_for(s_rows: Tensor, price: Tensor, c: Tensor, eps: float):
-    """The bid of some tokens for cluster c[i] (one cluster per token row).
-
-    bid = s[t, c] - w + eps,   w = max_{k != c} (s[t, k] - p[k])
-    This is the highest price at which c is still within eps of t's best other
-    option, so (CS) holds for t at any price p[c] <= bid.
-    """
-    v = s_rows - price                                            # (..., C) values
-    c = c.unsqueeze(-1)                                           # (..., 1)
-    w = v.scatter(-1, c, _NEG_INF).amax(dim=-1)                   # (...) best value elsewhere
-    return s_rows.gather(-1, c).squeeze(-1) - w + eps             # (...)
-
-
-def _new_bids(s_rows: Tensor, price: Tensor, eps: float):
-    """Unassigned tokens bid for their best cluster c1 = argmax_c (s[t,c] - p[c]).
-
-    The bid is p[c1] + (v1 - v2) + eps >= p[c1] + eps, where v1 and v2 are the
-    best and second best values.  Ties in the argmax go to the lower cluster
-    index, because torch.argmax returns the first maximum.
-    """
-    best = (s_rows - price).argmax(dim=1)                         # (U) c1
-    return best, _bid_for(s_rows, price, best, eps)               # (U), (U)
-
-
-def _run_rounds(s, price, slot_bid, slot_tok, bidders, eps, m):
-    """Run Jacobi auction rounds at a fixed eps until every token holds a cluster.
-
-    State, updated in place:
-      slot_bid[c, :]  bids on record in cluster c's m slots, sorted in      (C, m)
-                      descending order (an empty slot holds the floor)
-      slot_tok[c, :]  the token in each slot (T marks an empty slot)        (C, m)
-      price[c]        = slot_bid[c, m - 1], the lowest bid c holds           (C)
-      bidders         tokens that hold no cluster                           (U)
-    A round costs O(U*C + R*m*C + R*(m+K) log(m+K)), where R is the number of
-    clusters that get bids and K is the most bids any one of them gets. Every round
-    raises the sum of the bids on record by at least eps, and that sum is bounded
-    within a phase, so the phase ends (NOTES.md gives the proof).
-    """
-    T = s.shape[0]
-    C = price.numel()
-    dev = s.device
-    for _ in range(_MAX_ROUNDS_PER_PHASE):
-        U = bidders.numel()
-        if U == 0:
-            return
-        bidders = torch.sort(bidders).values                      # (U) ascending token index
-        best, bid = _new_bids(s[bidders], price, eps)             # (U), (U)
-
-        # Group the new bids by cluster, highest bid first within a cluster.
-        # Equal bids keep ascending token index (the sorts are stable).
-        order = torch.sort(bid, descending=True, stable=True).indices
-        order = order[torch.sort(best[order], stable=True).indices]
-        b_c, b_bid, b_tok = best[order], bid[order], bidders[order]      # (U)
-        n_new = torch.bincount(b_c, minlength=C)                         # (C) bids per cluster
-        first = torch.cumsum(n_new, 0) - n_new                           # (C)
-        rank = torch.arange(U, device=dev) - first[b_c]                  # (U) rank in its cluster
-        rows = n_new.nonzero().squeeze(1)                                # (R) clusters with bids
-        R, K = rows.numel(), int(n_new.max())                            # (host sync)
-        row_of = torch.empty(C, dtype=torch.long, device=dev)
-        row_of[rows] = torch.arange(R, device=dev)
-        new_bid = torch.full((R, K), _NEG_INF, dtype=s.dtype, device=dev)  # (R, K)
-        new_tok = torch.full((R, K), T, dtype=torch.long, device=dev)      # (R, K)
-        new_bid[row_of[b_c], rank] = b_bid
-        new_tok[row_of[b_c], rank] = b_tok
-
-        # The current holders of these clusters bid again at today's prices
-        # ("refresh"): other clusters may have become dearer since they bid, so
-        # the bid they would make now is >= the one on record and still satisfies
-        # (CS).  This lets prices rise by a full eps per round instead of creeping
-        # up one copy at a time, which removed most rounds in the price wars
-        # between many equal copies (padding, ties).  Empty slots keep the floor.
-        held_tok = slot_tok[rows]                                        # (R, m)
-        is_held = held_tok < T                                           # (R, m)
-        s_held = s[held_tok.clamp(max=T - 1)]                            # (R, m, C)
-        held_bid = torch.where(
-            is_held,
-            _bid_for(s_held, price, rows[:, None].expand(R, m), eps),    # (R, m)
-            slot_bid[rows],
-        )
-
-        # Each cluster keeps the m highest of (its holders' bids) + (new bids).
-        # Holders come first in the concatenation, so the stable sort lets a
-        # holder win a tie against a newcomer.  Every new bid is above the floor,
-        # so new bids fill empty slots before they push anyone out.
-        cand_bid = torch.cat([held_bid, new_bid], dim=1)                 # (R, m+K)
-        cand_tok = torch.cat([held_tok, new_tok], dim=1)                 # (R, m+K)
-        cand_bid, pos = torch.sort(cand_bid, dim=1, descending=True, stable=True)
-        cand_tok = cand_tok.gather(1, pos)                               # (R, m+K)
-        slot_bid[rows] = cand_bid[:, :m]
-        slot_tok[rows] = cand_tok[:, :m]
-        price[rows] = cand_bid[:, m - 1]         # p(c) = lowest bid kept (or the floor)
-        # holders that were pushed out, and rejected newcomers, bid next round
-        losers = cand_tok[:, m:].reshape(-1)                             # (R*K)
-        bidders = losers[losers < T]                                     # (U') (host sync)
-    raise RuntimeError("auction did not terminate; this is a bug, please report the input")
-
-
-def _owner(slot_tok: Tensor, T: int) -> Tensor:
-    """The cluster of each token (T,) from the slot table (all slots full)."""
-    C, m = slot_tok.shape
-    owner = torch.full((T + 1,), -1, dtype=torch.long, device=slot_tok.device)
-    owner[slot_tok.reshape(-1)] = torch.arange(C, device=slot_tok.device).repeat_interleave(m)
-    return owner[:T]
-
-
-def _start_phase(s, price, owner, eps, m):
-    """Start a new eps phase: keep the prices, and keep every token that still
-    satisfies (CS) for the new, smaller eps, with its bid renewed at this eps.
-    Unassign the rest.  Their slots become empty, at a floor equal to the old
-    price.
-
-    owner: (T,), the cluster of every token (all assigned at the end of a phase).
-    Returns (slot_bid, slot_tok, price, bidders).
-    """
-    T, C = s.shape
-    bid = _bid_for(s, price, owner, eps)                          # (T) renewed bid at the new eps
-    keep = bid >= price[owner]                                    # (T) (CS) at the new eps
-    bid = bid.masked_fill(~keep, _NEG_INF)                        # (T)
-    # Lay the tokens out cluster by cluster (each cluster holds exactly m at
-    # the end of a phase): kept tokens first, in descending order of bid.
-    order = torch.sort(bid, descending=True, stable=True).indices
-    order = order[torch.sort(owner[order], stable=True).indices].view(C, m)  # (C, m)
-    kept = keep[order]                                            # (C, m)
-    slot_bid = torch.where(kept, bid[order], price[:, None])      # (C, m) floor = old price
-    slot_tok = torch.where(kept, order, T)                        # (C, m)
-    new_price = slot_bid[:, m - 1].clone()                        # (C) >= old price
-    bidders = (~keep).nonzero().squeeze(1)                        # (U)
-    return slot_bid, slot_tok, new_price, bidders
-
-
-def _n_violators(s, price, owner, eps) -> int:
-    """How many tokens break (CS) at these prices: their bid at eps is below their cluster's price."""
-    return int((_bid_for(s, price, owner, eps) < price[owner]).sum())  # (host sync)
-
-
-def _repair_prices(s, price, owner, eps):
-    """Between phases: look for prices that keep more of the assignment.
-
-    For a fixed assignment, (CS) for every holder t of cluster a reads
-        p[a] - p[b] <= s[t, a] - s[t, b] + eps                 for every cluster b,
-    i.e.  p[a] - p[b] <= D[a, b] := min_{t in a} (s[t, a] - s[t, b]) + eps.
-    These are difference constraints on C numbers.  They have a solution iff
-    the graph on the clusters with edge lengths D has no negative cycle, and
-    Bellman-Ford, started from the current prices, finds the largest one below
-    them.  If there is a solution, no token needs to be unassigned at all.  If
-    there is none (a negative cycle), the prices after C Bellman-Ford steps
-    usually still break fewer constraints than the old ones.  Either way we
-    keep whichever price vector leaves fewer (CS) violators: any prices are a
-    valid start for a phase, because the phase unassigns every violator.
-    On inputs with many equal rows (e.g. all rows identical), this removes the
-    restart at each phase almost completely.  Cost O(T*C + C^3), and at most
-    C + 2 host syncs; only used when C*C <= max(T, 16384).
-    """
-    T, C = s.shape
-    diff = s.gather(1, owner[:, None]) - s                        # (T, C) s(t,a) - s(t,b)
-    D = torch.full((C, C), float("inf"), dtype=s.dtype, device=s.device)
-    # The margin eps/2 (instead of eps) absorbs float rounding: prices that
-    # satisfy the constraints at eps/2 satisfy (CS) at eps after rounding.
-    D = D.scatter_reduce(0, owner[:, None].expand(T, C), diff, "amin") + eps / 2   # (C, C)
-    p = price
-    for _ in range(C):                                            # Bellman-Ford
-        p_next = torch.minimum(p, (p[None, :] + D).amin(dim=1))   # p(a) <- min_b (p(b) + D(a, b))
-        if torch.equal(p_next, p):                                # (host sync) all constraints hold
-            return p
-        p = p_next
-    if _n_violators(s, p, owner, eps) < _n_violators(s, price, owner, eps):
-        return p
-    return price
-
-
-def _eps_schedule(span: float, eps_final: float) -> list[float]:
-    eps = max(_START_FRACTION * span, eps_final)
-    schedule = []
-    while eps > eps_final:
-        schedule.append(eps)
-        eps /= _EPS_FACTOR
-    schedule.append(eps_final)
-    return schedule
-
-
-def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
-    """Assign T tokens to C clusters, exactly T // C tokens per cluster,
-    maximising the total score  sum_t scores[t, cluster[t]].
-
-    Args:
-        scores: ``(T, C)`` floating point tensor, of any float dtype and on any
-            device.  ``-inf`` marks a forbidden token/cluster pair.  T must be
-            a multiple of C, and T >= C (otherwise pad; see ``padding_scores``).
-        eps: final auction slack, > 0.  Default: ``1e-7 * std`` rounded down
-            to a power of two, std the standard deviation of the finite scores
-            (if they are all equal, every assignment is optimal and one phase
-            with a large eps suffices), but at least ``2e-13 * (max - min)``,
-            times ``T + 2`` with -inf scores: the least that float64 resolves
-            next to the prices (and the -inf penalty).
-
-    Returns:
-        ``cluster``: ``(T,)`` int64 tensor on ``scores.device``.  Every cluster
-        index 0..C-1 occurs exactly T // C times.
-
-    Optimality guarantee (the standard auction result):
-        sum_t scores[t, cluster[t]]  >=  OPT - T * eps
-        (up to float64 rounding; all work is done in float64 whatever the input
-        dtype).  With the default eps, the gap is at most 1e-7 * T * std; in
-        practice it is far smaller (NOTES.md gives the gap measured against
-        scipy).  For integer-valued scores and ``eps < 1 / T`` the result is
-        exactly optimal, because the total is an integer within T * eps < 1 of
-        OPT (the default eps is below 1 / T while std < 1e7 / T).
-        (weak duality with the prices p, and (CS) for every token; NOTES.md gives the proof.)
-
-    Algorithm: Bertsekas' forward auction with eps scaling, in Jacobi form: in
-        each round every unassigned token bids for its best cluster at once.
-        A cluster keeps its m highest bids, and its price is the lowest bid it
-        holds once it is full.  eps starts at 0.25 * (max - min) and is divided
-        by 6 per phase down to the final eps; each phase keeps the prices and
-        the tokens that still satisfy (CS).  Two additions speed it up without
-        touching the guarantee: a cluster's holders renew their bids at current
-        prices when the cluster gets new bids (_run_rounds), and between phases
-        prices are adjusted by Bellman-Ford on the C clusters so that fewer
-        tokens must be unassigned (_repair_prices); if such prices satisfy (CS)
-        at the final eps already, the remaining phases are skipped.
-
-    Ties and determinism: the output is a deterministic function of the input
-        (only stable sorts and first-index argmax are used).  A token whose best
-        clusters tie bids for the lowest cluster index.  For a cluster, among
-        equal bids a current holder beats a newcomer, and among newcomers the
-        lower token index wins.
-
-    -inf scores: no token is given a -inf pair when some balanced assignment
-        uses only finite scores.  Internally each -inf becomes a penalty larger
-        than any difference a finite assignment can make up.  If no such
-        assignment exists, ``ValueError`` is raised at once: a max flow on the
-        C clusters checks Hall's condition before the auction (``_feasible``).
-
-    Padding convention: if T is not a multiple of C, append padding tokens
-        whose score row is *constant* and below every real score (``padding_scores``
-        sets such rows).  A constant row leaves a padding token indifferent
-        between clusters, so padding only fills the places the real tokens leave
-        free.  The real tokens get an optimal assignment of the relaxed problem
-        "at most m real tokens per cluster" (up to T * eps), and a padding token
-        never pushes a real token out: a real token in cluster a never prefers a
-        cluster b that holds padding by more than 2 * eps, i.e.
-        scores[t, b] <= scores[t, a] + 2 * eps.  Example::
-
-            cluster = balanced_assignment(padding_scores(scores, is_pad))
-
-    Raises:
-        ValueError: input not 2-D or not floating point; T < C or T % C != 0;
-            NaN or +inf scores; eps <= 0, or too small for float64 at this
-            score scale; no feasible assignment that avoids the -inf scores.
-    """
-    T, C = _check_scores(scores)
-    m = T // C
-    dev = scores.device
-    s = scores.detach().to(torch.float64)                         # (T, C)
-    nan, posinf, has_forbidden, dead_row, lo, hi, std = _score_facts(s)
-    if nan:
-        raise ValueError(
-            "scores contain NaN; replace them before calling, e.g. with "
-            "scores.nan_to_num(nan=float('-inf')) to forbid those token/cluster pairs, "
-            "or with a finite low value to only discourage them"
-        )
-    if posinf:
-        raise ValueError(
-            "scores contain +inf; use large finite values instead (only -inf is "
-            "supported, meaning 'forbidden token/cluster pair')"
-        )
-    forbidden = torch.isneginf(s)                                 # (T, C)
-    if dead_row:
-        bad = int(forbidden.all(dim=1).nonzero()[0])
-        raise ValueError(
-            f"infeasible: token {bad} has score -inf for every cluster; give it at "
-            "least one finite score (padding rows must be finite)"
-        )
-    if has_forbidden and not _feasible(~forbidden, m):           # before the auction, which would take long
-        raise ValueError(
-            "infeasible: no balanced assignment (T // C tokens per cluster) avoids the -inf "
-            "scores; allow more token/cluster pairs or relax the balance constraint"
-        )
-    eps = None if eps is None else float(eps)
-    if eps is not None and not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a positive finite number, got {eps}")
-    # Work in units of a power of two 2^e >= max |score|: exact, and the span, the penalty and the
-    # prices below cannot overflow float64 however large the scores (1e308) are.
-    unit = math.ldexp(1.0, -max(math.frexp(max(-lo, hi))[1], 0))
-    s, lo, hi, std = s * unit, lo * unit, hi * unit, std * unit
-    span = hi - lo if hi > lo else 1.0                            # the score range
-    if eps is None:  # T * eps bounds the gap: 1e-7 * T * std (all scores equal: every assignment is optimal)
-        # rounded down to a power of two, so that std's last bits (a sum, rounded differently on
-        # each device) do not change the result
-        eps = math.ldexp(1.0, math.frexp(_EPS_PER_STD * std)[1] - 1) if std > 0 else span
-        # but not below what float64 resolves next to the prices: about span, or T * span with -inf penalties
-        eps = max(eps, 2 * _MIN_EPS_REL * span * (T + 2 if has_forbidden else 1))
-    else:
-        eps *= unit
-
-    if C == 1:                                                    # nothing to decide
-        if has_forbidden:
-            raise ValueError(
-                "infeasible: with C=1 every token must go to cluster 0, but some scores are -inf"
-            )
-        return torch.zeros(T, dtype=torch.long, device=dev)
-
-    s = s - lo                                                    # finite scores in (0, span)
-    scale = span
-    if has_forbidden:
-        # Penalty > (T-1)*span + T*eps: any assignment that uses a forbidden
-        # pair totals less than (any all-finite assignment) - T*eps, so a result
-        # within T*eps of the optimum uses none unless none can be avoided.
-        penalty = (T + 1) * (span + eps)
-        s = torch.where(forbidden, torch.full_like(s, -penalty), s)
-        scale = span + penalty
-    # Prices stay within a few `scale` of 0, and eps must not vanish next to them.
-    if eps < _MIN_EPS_REL * scale:
-        raise ValueError(
-            f"eps={eps / unit:g} is too small for float64 arithmetic at score scale {scale / unit:g}; "
-            f"use eps >= {_MIN_EPS_REL * scale / unit:g}"
-        )
-
-    # Phase 0 starts from zero prices and no holders: every slot is empty, at price 0.
-    price = torch.zeros(C, dtype=torch.float64, device=dev)                 # (C)
-    slot_bid = torch.zeros(C, m, dtype=torch.float64, device=dev)           # (C, m)
-    slot_tok = torch.full((C, m), T, dtype=torch.long, device=dev)          # (C, m)
-    bidders = torch.arange(T, device=dev)                                   # (T)
-    cluster = None
-    repair = C * C <= max(T, 1 << 14)  # Bellman-Ford's O(C^3) is small next to a phase's O(T * C) or its rounds
-    for phase, eps_k in enumerate(_eps_schedule(span, eps)):    # eps decreasing
-        if phase > 0:
-            # if some prices let every token satisfy (CS) at the final eps, the assignment is
-            # already within T * eps of the optimum, and the remaining phases are not needed
-            if repair and _n_violators(s, _repair_prices(s, price, cluster, eps), cluster, eps) == 0:
-                break
-            # keep the previous phase's prices (possibly repaired) and every
-            # token that still satisfies (CS) at the smaller eps
-            if repair:
-                price = _repair_prices(s, price, cluster, eps_k)
-            slot_bid, slot_tok, price, bidders = _start_phase(s, price, cluster, eps_k, m)
-        _run_rounds(s, price, slot_bid, slot_tok, bidders, eps_k, m)   # until all assigned
-        cluster = _owner(slot_tok, T)                                       # (T)
-    # Now every token holds a cluster, every cluster is full, and (CS) holds at
-    # the final eps, so the total is within T * eps of the optimum.
-
-    if has_forbidden and bool(forbidden.gather(1, cluster[:, None]).any()):  # _feasible said one avoids them
-        raise RuntimeError("the auction used a -inf pair of a feasible input; this is a bug, please report the input")
-    return cluster
-
+# --- 9. Token clustering (paper: "Token clustering": a balanced router, differentiable sorting) -----------------------
 
 def padding_scores(scores: Tensor, pad_mask: Tensor) -> Tensor:
-    """scores (t, C) with the rows of padding tokens set to one constant below every real score.
-
-    The constant is lo - (hi - lo) (lo - 1 if all real scores are equal), which
-    at most doubles the score range: padding is then indifferent between
-    clusters and only fills the places the real tokens leave free.
-    """
+    """scores (t, C) with the padding rows set to lo - (hi - lo) (lo - 1 if all real scores are equal), below every
+    real score: padding is indifferent between clusters and only fills the places the real tokens leave free."""
     real = scores.masked_fill(pad_mask[:, None], float("nan"))  # (t, C)
     finite = real[real.isfinite()]
     if finite.numel() == 0:
         return scores.masked_fill(pad_mask[:, None], 0.0)
     lo, hi = finite.min(), finite.max()
-    low = lo - torch.where(hi > lo, hi - lo, torch.ones_like(lo))
-    return scores.masked_fill(pad_mask[:, None], low)
-
-
+    return scores.masked_fill(pad_mask[:, None], lo - torch.where(hi > lo, hi - lo, torch.ones_like(lo)))
 def sort_tokens(x: Tensor, scores: Tensor, order: Tensor, tau: float, pad_mask: Optional[Tensor] = None) -> Tensor:
-    """Differentiable sorting: M X with M = P + S - stopgrad(S), without a (t, t) matrix.
-
-    x: (t, d); scores: (t, C) token-cluster scores; order: (t,) the hard sort P
-    (slot i holds token order[i], slots grouped by cluster, t / C per cluster).
-    S is the soft sort: the row of a slot owned by cluster e is the softmax over
-    tokens of s[:, e] / tau, divided by t / C. The forward value is exactly the
-    sort P X; the gradient reaches the scores through the softmax. All rows of
-    one cluster are equal, so S X is a (C, d) matrix broadcast to the slots.
-    Padding tokens are left out of the softmax.
-    """
+    """Differentiable sorting M X, M = P + S - stopgrad(S), without a (t, t) matrix: x (t, d), scores (t, C), order
+    (t,) the hard sort P (t / C slots per cluster, by cluster); S's row for a slot of cluster e is softmax over the
+    (real) tokens of s[:, e] / tau, / (t / C). The value is exactly P X; the gradient reaches the scores via S."""
     t, C = scores.shape
     m = t // C  # slots per cluster
     logits = scores.to(torch.promote_types(scores.dtype, torch.float32)) / tau  # softmax in float32 at least
@@ -1481,40 +680,21 @@ def sort_tokens(x: Tensor, scores: Tensor, order: Tensor, tau: float, pad_mask: 
         logits = logits.masked_fill(pad_mask[:, None], torch.finfo(logits.dtype).min)
     soft = logits.softmax(dim=0)  # (t, C): column e = softmax over tokens of s[:, e] / tau
     zero = (soft - soft.detach()) / m  # (t, C): S - stopgrad(S), transposed; exactly 0 in value
-    mix = zero.t().to(x.dtype) @ x  # (C, d): (S - stopgrad(S)) X for the rows of each cluster
+    mix = zero.t().to(x.dtype) @ x  # (C, d): (S - stopgrad(S)) X, equal for the rows of one cluster
     return x[order] + mix.repeat_interleave(m, dim=0)  # (t, d): P X + (S - stopgrad(S)) X
-
-
-# ----------------------------------------------------------------------------
-# 10. Token clustering (paper: "Token clustering")
-
 
 class ClusterPlan(NamedTuple):
     """How the clustering layer moved the tokens: carried by the layers after it, used to send them back."""
-
     order: Tensor  # (t_pad,) this rank's token positions in the order they were sent
     send_splits: list[int]  # tokens sent to each rank
     recv_splits: list[int]  # tokens received from each rank
     pad_mask: Tensor  # (t_recv,) True for padding among the tokens now on this rank
     num_tokens: int  # t: this rank's tokens before padding
     group: CommGroup  # the world
-
-
 class TokenClustering(nn.Module):
-    """The first MoE layer with clustering: a balanced router that gathers related tokens on one rank.
-
-    Scores s = x W_c against one cluster per rank (route_to="rank") or per node
-    (route_to="node", the node's tokens then spread evenly over its ranks), finds
-    the balanced assignment of this rank's tokens (every cluster gets t / C), sends
-    each token to its cluster's rank with one variable-split all-to-all, and there
-    applies x + FFN(x) (gate="softmax", trained through differentiable sorting) or
-    BASE layers' sigmoid gate sigmoid(x.w_c) FFN(x) + (1 - sigmoid(x.w_c)) x
-    (gate="sigmoid"). Returns the moved tokens and the ClusterPlan; `uncluster`
-    sends them back after the last MoE layer. With pre_norm, the router and the
-    FFN read LayerNorm(x) while x itself (a pre-LN Transformer's residual stream)
-    is what moves: x + FFN(LN(x)).
-    """
-
+    """The first MoE layer with clustering: scores x W_c against one cluster per rank (route_to="rank") or node, the
+    balanced assignment (the Appendix), an all-to-all to the clusters' ranks, and there x + FFN(x) (gate="softmax",
+    trained by differentiable sorting) or BASE layers' sigmoid gate; with pre_norm, x + FFN(LN(x)). Undo: uncluster."""
     def __init__(self, d_model: int, d_ffn: int, topology: Topology, *, route_to: str = "rank",
                  gate: str = "softmax", tau: float = 0.5, activation: str = "relu", pre_norm: bool = False) -> None:
         super().__init__()
@@ -1530,71 +710,289 @@ class TokenClustering(nn.Module):
         self.ffn = Experts(1, d_model, d_ffn, activation)  # this rank's FFN
         self.norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
         self.ledger = CommLedger()
-
     @property
     def own_cluster(self) -> int:
         """The cluster this rank serves: its rank, or its node."""
         return self.topology.rank if self.route_to == "rank" else self.topology.node_rank
-
     def cluster(self, x: Tensor, pad_mask: Optional[Tensor] = None, detach_router_input: bool = False,
                 balanced: bool = True) -> tuple[Tensor, ClusterPlan]:
-        """Send every token to its cluster's rank: (t, d) -> (t_recv, d), and the plan.
-
-        balanced=False routes each token to its best cluster instead (the authors' greedy option
-        for autoregressive inference: a decoder's tokens at one step are too few, and too alike,
-        to be split evenly); the split sizes then vary, and the sort is hard.
-        """
+        """Every token to its cluster's rank: (t, d) -> (t_recv, d), and the plan. balanced=False: to its best cluster,
+        a hard sort (the authors' option for decoding: the tokens of one step are too few and alike to split evenly)."""
         _check_input(x, pad_mask, self.router.in_features, "TokenClustering")
         topo = self.topology
         t, d = x.shape
         W, G = topo.world_size, topo.ranks_per_node
         pad = (-t) % W if balanced else 0  # balanced: t_pad a multiple of W, the same share to every rank
         x = torch.cat([x, x.new_zeros(pad, d)])  # (t_pad, d)
-        is_pad = torch.zeros(t + pad, dtype=torch.bool, device=x.device)
-        is_pad[t:] = True
+        is_pad = torch.arange(t + pad, device=x.device) >= t  # (t_pad,)
         if pad_mask is not None:
             is_pad[:t] = pad_mask
         scores = self.router(self.norm(x.detach() if detach_router_input else x))  # (t_pad, C)
         if t + pad == 0:
-            order = torch.zeros(0, dtype=torch.long, device=x.device)
-            send = [0] * W
-        elif balanced:
-            # padding scores lie below every real token's, so padding is assigned last
+            cluster = torch.zeros(0, dtype=torch.long, device=x.device)
+        elif balanced:  # padding scores lie below every real token's, so padding is assigned last
             cluster = balanced_assignment(padding_scores(scores.detach(), is_pad))  # (t_pad,)
-            order = cluster.sort(stable=True).indices  # (t_pad,): slots by cluster, token order within
-            # cluster c's slots go to rank c (rank) or spread over ranks c*G .. (node): slot i to rank i // share
+        else:  # each token to its best cluster; padding stays home
+            cluster = scores.detach().argmax(dim=-1).masked_fill(is_pad, self.own_cluster)  # (t,)
+        order = cluster.sort(stable=True).indices  # (t_pad,): slots by cluster, token order within
+        if balanced:  # cluster c's slots go to rank c (rank) or over ranks c*G .. (node): slot i to rank i // share
             send = [(t + pad) // W] * W
-        else:
-            cluster = scores.detach().argmax(dim=-1).masked_fill(is_pad, self.own_cluster)  # (t,): padding stays home
-            order = cluster.sort(stable=True).indices  # (t,)
-            count = torch.zeros(self.num_clusters, dtype=torch.long, device=x.device).scatter_add_(
-                0, cluster, torch.ones_like(cluster)).tolist()  # tokens per cluster (host sync)
-            # a node's tokens are spread over its ranks as evenly as they go, in slot order
+        else:  # a node's tokens are spread over its ranks as evenly as they go, in slot order
+            count = torch.bincount(cluster, minlength=self.num_clusters).tolist()  # tokens per cluster (host sync)
             send = count if self.route_to == "rank" else [
                 count[r // G] // G + (r % G < count[r // G] % G) for r in range(W)]
-        if self.gate == "softmax" and balanced and t + pad > 0:
-            sent = sort_tokens(x, scores, order, self.tau, is_pad)  # (t_pad, d)
-        else:
-            sent = x[order]  # (t_pad, d)
+        soft = self.gate == "softmax" and balanced and t + pad > 0
+        sent = sort_tokens(x, scores, order, self.tau, is_pad) if soft else x[order]  # (t_pad, d)
         recv = [sends[topo.rank] for sends in topo.gather_lists(send)]  # what every rank sends us
         moved = all_to_all(sent, topo.world, send, recv, ledger=self.ledger, tag="cluster")  # (t_recv, d)
         moved_pad = all_to_all(is_pad[order].to(torch.uint8), topo.world, send, recv, ledger=self.ledger,
                                tag="cluster").bool()  # (t_recv,)
         return moved, ClusterPlan(order, send, recv, moved_pad, t, topo.world)
-
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None, detach_router_input: bool = False,
                 balanced: bool = True) -> tuple[Tensor, ClusterPlan]:
         moved, plan = self.cluster(x, pad_mask, detach_router_input, balanced)  # (t_recv, d)
         z = self.norm(moved)  # (t_recv, d)
         h = self.ffn(z[None])[0]  # (t_recv, d)
         if self.gate == "softmax":
-            return moved + h, plan  # x + FFN(x)
+            return moved + h, plan  # x + FFN(x), or x + FFN(LN(x)) with pre_norm
         w_c = self.router.weight[self.own_cluster]  # (d,): this rank's cluster
         g = torch.sigmoid((z.detach() if detach_router_input else z) @ w_c)[:, None]  # (t_recv, 1)
         return g * h + (1 - g) * moved, plan  # sigmoid(x.w_c) FFN(x) + (1 - sigmoid(x.w_c)) x
-
 
 def uncluster(y: Tensor, plan: ClusterPlan, ledger: Optional[CommLedger] = None) -> Tensor:
     """Send the tokens back to their ranks and undo the sort: (t_recv, d) -> (t, d), padding removed."""
     back = all_to_all(y, plan.group, plan.recv_splits, plan.send_splits, ledger=ledger, tag="cluster")  # (t_pad, d)
     return back.index_select(0, inverse_permutation(plan.order))[:plan.num_tokens]  # (t, d) in token order
+
+# --- Appendix. The balanced assignment (why the auction is right: NOTES.md) -----------------------------------------
+
+# T tokens to C clusters, m = T / C each, maximal total score s(t, c), by Bertsekas' auction as in BASE layers: a
+# cluster holds at most m tokens with their bids on record, its price p(c) the lowest of them once full (before, the
+# phase's floor). Every holder t of c keeps eps-complementary slackness, putting the total within T * eps of OPT:
+#   s(t, c) - p(c) >= max_k (s(t, k) - p(k)) - eps                        (CS)
+_NEG_INF = float("-inf")
+_START_FRACTION = 0.25  # eps scaling: the first phase's eps, in score ranges (without scaling, ties make price wars)
+_EPS_FACTOR = 6.0  # each later phase divides eps by this, down to the final eps
+_MIN_EPS_REL = 1e-13  # eps must stay well above float64 rounding of prices of size `scale`
+_EPS_PER_STD = 1e-7  # the default final eps in standard deviations of the scores: gap <= T * eps = 1e-7 * T * std
+_MAX_ROUNDS_PER_PHASE = 1_000_000  # a safety net so that a bug cannot loop forever (a phase always ends)
+
+def _check_scores(scores) -> tuple[int, int]:
+    if not isinstance(scores, Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D (T tokens, C clusters), got shape {tuple(scores.shape)}; "
+                         "flatten the batch and sequence dims into T first, e.g. scores.reshape(-1, C)")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating point tensor, got dtype {scores.dtype}")
+    T, C = scores.shape
+    if C < 1 or T < C or T % C != 0:
+        fix = (f"pad the tokens to T' = {max(C, -(-T // C) * C)} rows with masked padding tokens whose score row is "
+               "constant and below every real token's score (padding_scores does this), then drop the padding rows "
+               "from the result" if C >= 1 else "give at least one cluster")
+        raise ValueError(f"balanced assignment needs T to be a positive multiple of C (every cluster gets exactly "
+                         f"T // C tokens), got T={T} tokens and C={C} clusters; {fix}")
+    return T, C
+def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float, float]:
+    """(NaN?, +inf?, -inf?, a row all -inf?, least, greatest and std of the finite scores) of s (T, C): one sync."""
+    forbidden, finite = torch.isneginf(s), s.isfinite()  # (T, C)
+    facts = torch.stack([s.isnan().any(), s.isposinf().any(), forbidden.any(), forbidden.all(dim=1).any()]).to(s.dtype)
+    lo, hi = torch.where(finite, s, torch.inf).amin().reshape(1), torch.where(finite, s, -torch.inf).amax().reshape(1)
+    count = finite.sum().clamp(min=1)
+    big = torch.where(finite, s, 0).abs().amax().clamp(min=torch.finfo(s.dtype).tiny)  # divided out: no overflow
+    z = torch.where(finite, s / big, 0)  # (T, C) in [-1, 1]
+    std = (torch.where(finite, z - z.sum() / count, 0).square().sum() / count).sqrt().mul(big).reshape(1)
+    nan, posinf, neginf, dead_row, lo, hi, std = torch.cat([facts, lo, hi, std]).tolist()
+    return bool(nan), bool(posinf), bool(neginf), bool(dead_row), lo, hi, std
+
+def _feasible(allowed: Tensor, m: int) -> bool:
+    """Whether m tokens can go to every cluster by allowed (T, C) pairs only (no row all False): NOTES.md's max flow."""
+    pattern, n = allowed.cpu().unique(dim=0, return_counts=True)       # (P, C), (P,)
+    pat, C = pattern.long(), allowed.shape[1]                             # (P, C)
+    k = pat.sum(dim=1)                                                    # (P,) clusters each pattern allows
+    # pattern p's n % k extra tokens go to its clusters from the (p mod k)-th on: one-token patterns do not pile up
+    turn = (pat.cumsum(dim=1) - 1 - torch.arange(len(n))[:, None]) % k[:, None]   # (P, C)
+    x = (pat * (n // k)[:, None] + (pattern & (turn < (n % k)[:, None])).long()).t().contiguous()  # (C, P)
+    patt = pat.t().contiguous()                                           # (C, P)
+    load = x.sum(dim=1)                                                   # (C) tokens in each cluster
+    edge = x @ pat                                                        # (C, C) tokens in a allowed in b
+    for _ in range(int(allowed.shape[0]) + 1):                            # each pass moves >= 1 token home
+        over = load > m                                                   # (C)
+        if not bool(over.any()):
+            return True
+        parent = torch.full((C,), -1, dtype=torch.long)                   # (C) the cluster a move comes from
+        seen, frontier, end = over.clone(), over.nonzero().squeeze(1), -1
+        while frontier.numel() > 0 and end < 0:                           # breadth first: shortest chains
+            step = edge[frontier] > 0                                     # (F, C)
+            new = step.any(dim=0) & ~seen                                 # (C)
+            parent[new] = frontier[step[:, new].long().argmax(dim=0)]
+            seen |= new
+            frontier = new.nonzero().squeeze(1)
+            short = frontier[load[frontier] < m]
+            end = int(short[0]) if short.numel() > 0 else -1
+        if end < 0:  # the clusters reachable from the overfull ones break Hall's condition
+            return False
+        chain = [end]
+        while parent[chain[-1]] >= 0:
+            chain.append(int(parent[chain[-1]]))                          # z, ..., a
+        amount = min(int(load[chain[-1]]) - m, m - int(load[end]), *(int(edge[a, b]) for b, a in zip(chain, chain[1:])))
+        for b, a in zip(chain, chain[1:]):                                # from z back: a's tokens are its own
+            avail = x[a] * patt[b]                                        # (P) tokens in a allowed in b
+            take = (amount - (avail.cumsum(0) - avail)).clamp(min=0).minimum(avail)  # (P)
+            x[a], x[b] = x[a] - take, x[b] + take
+            some = take.nonzero().squeeze(1)
+            moved = take[some] @ pat[some]                                # (C) their allowed clusters
+            edge[a], edge[b] = edge[a] - moved, edge[b] + moved
+        load[chain[-1]], load[end] = load[chain[-1]] - amount, load[end] + amount
+    raise RuntimeError("feasibility check did not terminate; this is a bug, please report the input")
+
+def _bid_for(s_rows: Tensor, price: Tensor, c: Tensor, eps: float) -> Tensor:
+    """Bids for clusters c: s[t, c] - max_{k != c} (s[t, k] - p[k]) + eps, the highest price keeping (CS) for t in c."""
+    v = s_rows - price                                            # (..., C) values
+    c = c.unsqueeze(-1)                                           # (..., 1)
+    w = v.scatter(-1, c, _NEG_INF).amax(dim=-1)                   # (...) best value elsewhere
+    return s_rows.gather(-1, c).squeeze(-1) - w + eps             # (...)
+
+def _run_rounds(s, price, slot_bid, slot_tok, bidders, eps, m) -> None:
+    """Jacobi rounds at a fixed eps until every token holds a cluster; slot_bid, slot_tok, price change in place."""
+    T, C, dev = s.shape[0], price.numel(), s.device
+    for _ in range(_MAX_ROUNDS_PER_PHASE):
+        U = bidders.numel()
+        if U == 0:
+            return
+        bidders = torch.sort(bidders).values                      # (U) ascending token index
+        s_bid = s[bidders]                                        # (U, C)
+        best = (s_bid - price).argmax(dim=1)                      # (U) c1; ties: the lowest index (first maximum)
+        bid = _bid_for(s_bid, price, best, eps)                   # (U) p[c1] + (v1 - v2) + eps
+        # group the new bids by cluster, highest first; equal bids keep ascending token index (stable sorts)
+        order = torch.sort(bid, descending=True, stable=True).indices
+        order = order[torch.sort(best[order], stable=True).indices]
+        b_c, b_bid, b_tok = best[order], bid[order], bidders[order]      # (U)
+        n_new = torch.bincount(b_c, minlength=C)                         # (C) bids per cluster
+        rank = torch.arange(U, device=dev) - (torch.cumsum(n_new, 0) - n_new)[b_c]  # (U) rank in its cluster
+        rows = n_new.nonzero().squeeze(1)                                # (R) clusters with bids
+        R, K = rows.numel(), int(n_new.max())                            # (host sync)
+        row_of = torch.empty(C, dtype=torch.long, device=dev).index_put_((rows,), torch.arange(R, device=dev))
+        at = (row_of[b_c], rank)                                         # each new bid's place in (R, K)
+        new_bid = torch.full((R, K), _NEG_INF, dtype=s.dtype, device=dev).index_put_(at, b_bid)  # (R, K)
+        new_tok = torch.full((R, K), T, dtype=torch.long, device=dev).index_put_(at, b_tok)      # (R, K)
+        # the holders bid again at today's prices ("refresh": still (CS), and >= the bid on record), so that prices
+        # rise by a full eps per round, not one copy at a time; empty slots keep the floor
+        held_tok = slot_tok[rows]                                        # (R, m)
+        s_held = s[held_tok.clamp(max=T - 1)]                            # (R, m, C)
+        held_bid = torch.where(held_tok < T, _bid_for(s_held, price, rows[:, None].expand(R, m), eps), slot_bid[rows])
+        # each cluster keeps the m highest bids; holders first, so a holder wins a tie against a newcomer (stable
+        # sort); new bids are above the floor, so they fill empty slots before they push anyone out
+        cand_bid, pos = torch.sort(torch.cat([held_bid, new_bid], dim=1), dim=1, descending=True, stable=True)
+        cand_tok = torch.cat([held_tok, new_tok], dim=1).gather(1, pos)  # (R, m+K)
+        slot_bid[rows], slot_tok[rows] = cand_bid[:, :m], cand_tok[:, :m]
+        price[rows] = cand_bid[:, m - 1]         # p(c) = lowest bid kept (or the floor)
+        losers = cand_tok[:, m:].reshape(-1)     # (R*K) holders pushed out and rejected newcomers bid next round
+        bidders = losers[losers < T]                                     # (U') (host sync)
+    raise RuntimeError("auction did not terminate; this is a bug, please report the input")
+
+def _start_phase(s, price, owner, eps, m):
+    """A new eps phase: prices, and tokens still in (CS) with renewed bids, kept; the rest bid (floor: old price)."""
+    T, C = s.shape
+    bid = _bid_for(s, price, owner, eps)                          # (T) renewed bid at the new eps
+    keep = bid >= price[owner]                                    # (T) (CS) at the new eps
+    bid = bid.masked_fill(~keep, _NEG_INF)                        # (T)
+    # cluster by cluster (each holds exactly m at the end of a phase): kept tokens first, by descending bid
+    order = torch.sort(bid, descending=True, stable=True).indices
+    order = order[torch.sort(owner[order], stable=True).indices].view(C, m)  # (C, m)
+    kept = keep[order]                                            # (C, m)
+    slot_bid = torch.where(kept, bid[order], price[:, None])      # (C, m) floor = old price
+    slot_tok = torch.where(kept, order, T)                        # (C, m)
+    return slot_bid, slot_tok, slot_bid[:, m - 1].clone(), (~keep).nonzero().squeeze(1)  # price >= old price
+def _n_violators(s, price, owner, eps) -> int:
+    """How many tokens break (CS) at these prices: their bid at eps is below their cluster's price."""
+    return int((_bid_for(s, price, owner, eps) < price[owner]).sum())  # (host sync)
+def _repair_prices(s, price, owner, eps):
+    """Prices that keep more of the assignment: Bellman-Ford on (CS) as p[a] - p[b] <= D[a, b] (NOTES.md)."""
+    T, C = s.shape
+    diff = s.gather(1, owner[:, None]) - s                        # (T, C) s(t,a) - s(t,b)
+    D = torch.full((C, C), float("inf"), dtype=s.dtype, device=s.device)
+    # the margin eps/2 absorbs float rounding: prices that meet the constraints at eps/2 meet (CS) at eps
+    D = D.scatter_reduce(0, owner[:, None].expand(T, C), diff, "amin") + eps / 2   # (C, C)
+    p = price
+    for _ in range(C):                                            # Bellman-Ford
+        p_next = torch.minimum(p, (p[None, :] + D).amin(dim=1))   # p(a) <- min_b (p(b) + D(a, b))
+        if torch.equal(p_next, p):                                # (host sync) all constraints hold
+            return p
+        p = p_next
+    # a negative cycle: keep whichever prices leave fewer violators (a phase starts from any prices)
+    return p if _n_violators(s, p, owner, eps) < _n_violators(s, price, owner, eps) else price
+
+def _eps_schedule(span: float, eps_final: float) -> list[float]:
+    eps, schedule = max(_START_FRACTION * span, eps_final), []
+    while eps > eps_final:
+        schedule, eps = schedule + [eps], eps / _EPS_FACTOR
+    return schedule + [eps_final]
+
+def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
+    """Assign T tokens to C clusters, exactly T // C each, maximising sum_t scores[t, cluster[t]]: (T, C) -> (T,) int64.
+    scores: any float dtype and device, -inf for a forbidden pair, T a multiple of C (else pad: padding_scores). eps:
+    the final slack (default 1e-7 * std of the scores, a power of two). The total is >= OPT - T * eps, no -inf pair is
+    used while some balanced assignment avoids them, and ties break deterministically. Contract, errors, algorithm
+    and proofs: NOTES.md, "The balanced assignment: why the auction is right"."""
+    T, C = _check_scores(scores)
+    m, dev = T // C, scores.device
+    s = scores.detach().to(torch.float64)                         # (T, C)
+    nan, posinf, has_forbidden, dead_row, lo, hi, std = _score_facts(s)
+    if nan:
+        raise ValueError("scores contain NaN; replace them before calling, e.g. with scores.nan_to_num(nan="
+                         "float('-inf')) to forbid those token/cluster pairs, or with a finite low value to only "
+                         "discourage them")
+    if posinf:
+        raise ValueError("scores contain +inf; use large finite values instead (only -inf is supported, meaning "
+                         "'forbidden token/cluster pair')")
+    forbidden = torch.isneginf(s)                                 # (T, C)
+    if dead_row:  # (with C = 1, any -inf is such a row)
+        raise ValueError(f"infeasible: token {int(forbidden.all(dim=1).nonzero()[0])} has score -inf for every "
+                         "cluster; give it at least one finite score (padding rows must be finite)")
+    if has_forbidden and not _feasible(~forbidden, m):           # before the auction, which would take long
+        raise ValueError("infeasible: no balanced assignment (T // C tokens per cluster) avoids the -inf scores; "
+                         "allow more token/cluster pairs or relax the balance constraint")
+    eps = None if eps is None else float(eps)
+    if eps is not None and not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
+    # in units of a power of two 2^e >= max |score|: exact, and no overflow however large the scores (1e308)
+    unit = math.ldexp(1.0, -max(math.frexp(max(-lo, hi))[1], 0))
+    s, lo, hi, std = s * unit, lo * unit, hi * unit, std * unit
+    span = hi - lo if hi > lo else 1.0                            # the score range
+    if eps is None:  # a power of two: the std's last bits (a sum, rounded differently per device) cannot matter
+        eps = math.ldexp(1.0, math.frexp(_EPS_PER_STD * std)[1] - 1) if std > 0 else span
+        # but not below what float64 resolves next to the prices: about span, or T * span with -inf penalties
+        eps = max(eps, 2 * _MIN_EPS_REL * span * (T + 2 if has_forbidden else 1))
+    else:
+        eps *= unit
+    if C == 1:                                                    # nothing to decide (and no -inf: dead_row)
+        return torch.zeros(T, dtype=torch.long, device=dev)
+    s, scale = s - lo, span                                       # finite scores in [0, span]
+    if has_forbidden:  # a penalty > (T-1)*span + T*eps: a -inf pair costs more than any finite assignment gains
+        penalty = (T + 1) * (span + eps)
+        s, scale = torch.where(forbidden, torch.full_like(s, -penalty), s), span + penalty
+    if eps < _MIN_EPS_REL * scale:  # prices stay within a few `scale` of 0, and eps must not vanish next to them
+        raise ValueError(f"eps={eps / unit:g} is too small for float64 arithmetic at score scale {scale / unit:g}; "
+                         f"use eps >= {_MIN_EPS_REL * scale / unit:g}")
+    price = torch.zeros(C, dtype=torch.float64, device=dev)      # (C) phase 0: zero prices, every slot empty
+    slot_bid = torch.zeros(C, m, dtype=torch.float64, device=dev)           # (C, m)
+    slot_tok = torch.full((C, m), T, dtype=torch.long, device=dev)          # (C, m)
+    bidders, cluster = torch.arange(T, device=dev), None                    # (T)
+    repair = C * C <= max(T, 1 << 14)  # Bellman-Ford's O(C^3) is small next to a phase's O(T * C) or its rounds
+    for phase, eps_k in enumerate(_eps_schedule(span, eps)):     # eps decreasing
+        if phase > 0:
+            # prices that let every token satisfy (CS) at the final eps end the search: within T * eps already
+            if repair and _n_violators(s, _repair_prices(s, price, cluster, eps), cluster, eps) == 0:
+                break
+            if repair:
+                price = _repair_prices(s, price, cluster, eps_k)
+            slot_bid, slot_tok, price, bidders = _start_phase(s, price, cluster, eps_k, m)
+        _run_rounds(s, price, slot_bid, slot_tok, bidders, eps_k, m)   # until all assigned
+        owner = torch.full((T + 1,), -1, dtype=torch.long, device=dev)  # every slot is full: each token's cluster
+        owner[slot_tok.reshape(-1)] = torch.arange(C, device=dev).repeat_interleave(m)
+        cluster = owner[:T]                                                 # (T)
+    # every token holds a cluster, every cluster is full, and (CS) holds at the final eps: within T * eps of OPT
+    if has_forbidden and bool(forbidden.gather(1, cluster[:, None]).any()):  # _feasible said one avoids them
+        raise RuntimeError("the auction used a -inf pair of a feasible input; this is a bug, please report the input")
+    return cluster
