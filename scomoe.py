@@ -50,6 +50,7 @@ Splits = Optional[list[int]]  # rows to or from each member of a group; None: an
 def _floor(x: float) -> int:
     """floor(x) with float noise removed: 0.29 * 100 = 28.999999999999996 counts as 29."""
     return math.floor(round(x, 9))
+
 def _ceil(x: float) -> int:
     """ceil(x) with float noise removed: 1.1 * 2 * 100 / 4 = 55.00000000000001 counts as 55."""
     return math.ceil(round(x, 9))
@@ -69,9 +70,11 @@ class CommGroup:
     group: Optional[dist.ProcessGroup]  # None when the group is this rank alone
     links: tuple[str, ...]  # link class from this rank to each member, one of LINK_CLASSES
     local_copy: ClassVar[bool] = False  # True for a LocalCopyGroup (timing compute alone)
+
     @property
     def size(self) -> int:
         return len(self.ranks)
+
     def exchange(self, out: Tensor, x: Tensor, send: Splits, recv: Splits) -> None:
         """out <- the all-to-all of x over this group."""
         if x.is_cuda and dist.get_backend(self.group) == "gloo":  # gloo moves host memory: stage through it
@@ -85,6 +88,7 @@ class LocalCopyGroup(CommGroup):
     """A group whose all-to-all sends nothing, the rows staying here in a tensor of the received shape, for timing
     compute alone (Topology.with_local_copies): chosen once, so that the collective's path has no branch for it."""
     local_copy: ClassVar[bool] = True
+
     def exchange(self, out: Tensor, x: Tensor, send: Splits, recv: Splits) -> None:
         n = min(out.shape[0], x.shape[0])
         out[:n].copy_(x[:n])
@@ -104,23 +108,29 @@ class Topology:
     world: CommGroup  # all W ranks
     peers: CommGroup  # the N ranks at this local slot, one per node: node-limited routing's inter-node hop
     host_group: Optional[dist.ProcessGroup]  # gloo group for host integers (token counts)
+
     def group(self, tier: str) -> CommGroup:
         """The group a tier exchanges tokens in: "local" (this rank), "node" or "global" (the world)."""
         return {"local": self.local, "node": self.node, "global": self.world}[tier]
+
     @property
     def local_copy(self) -> bool:
         return self.world.local_copy
+
     def with_local_copies(self) -> Topology:
         """This topology with every collective a local copy of the same shape (the benchmark's compute-only run):
         every rank is assumed to hold as many tokens as this one; the ledger still counts what a real run sends."""
         copies = {k: LocalCopyGroup(**vars(getattr(self, k))) for k in ("node", "world", "peers")}  # the same fields
         return dataclasses.replace(self, **copies)
+
     def link(self, other: int) -> str:
         """The link class a byte crosses from this rank to rank `other`."""
         return link_class(self.rank, other, self.ranks_per_node)
+
     def gather_counts(self, count: int) -> list[int]:
         """Every rank's `count` (a host integer such as a token count), in rank order."""
         return [values[0] for values in self.gather_lists([count])]
+
     def gather_lists(self, values: Sequence[int]) -> list[list[int]]:
         """Every rank's list of host integers (as long on every rank), in rank order, over a gloo group on the CPU, so
         that a GPU stream never waits on it. Under local copies every rank holds this rank's values."""
@@ -149,11 +159,13 @@ def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
     node_rank, local_rank = rank // G, rank % G
     nodes = [list(range(n * G, (n + 1) * G)) for n in range(N)]  # the ranks of each node
     slots = [list(range(s, world_size, G)) for s in range(G)]  # the ranks at each local slot, one per node
+
     def own_group(sets: list[list[int]], mine: int) -> Optional[dist.ProcessGroup]:
         """Every rank creates every group of `sets`, in order, and keeps its own (the world's if it is the world)."""
         if not initialised or len(sets[0]) == 1:
             return None
         return dist.group.WORLD if len(sets) == 1 else [dist.new_group(ranks) for ranks in sets][mine]
+
     def comm_group(name: str, ranks: list[int], group) -> CommGroup:
         return CommGroup(name, tuple(ranks), group, tuple(link_class(rank, r, G) for r in ranks))
     node_group, peer_group = own_group(nodes, node_rank), own_group(slots, local_rank)  # in this order on every rank
@@ -169,23 +181,28 @@ def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
 class CommLedger:
     """Bytes this rank handed to each link class, by tag (e.g. the tier), direction ("forward" or "backward") and link:
     plain data that a caller reads and resets (each MoE layer owns one); the library never prints it."""
+
     def __init__(self) -> None:
         self.bytes: dict[tuple[str, str, str], int] = {}  # (tag, direction, link) -> bytes
         self.calls: dict[tuple[str, str], int] = {}
         self.to_rank: dict[int, int] = {}  # global rank -> bytes handed to it (every tag and direction)
+
     def record(self, tag: str, direction: str, sent: Sequence[int], group: CommGroup) -> None:
         """Add `sent[j]` bytes handed to member j of `group` (rank group.ranks[j], link group.links[j])."""
         self.calls[tag, direction] = self.calls.get((tag, direction), 0) + 1
         for nbytes, link, rank in zip(sent, group.links, group.ranks):
             self.bytes[tag, direction, link] = self.bytes.get((tag, direction, link), 0) + nbytes
             self.to_rank[rank] = self.to_rank.get(rank, 0) + nbytes
+
     def total(self, link: Optional[str] = None, direction: Optional[str] = None, tag: Optional[str] = None) -> int:
         """Bytes summed over every key that matches the given (non-None) fields."""
         want = (tag, direction, link)
         return sum(b for key, b in self.bytes.items() if all(w is None or w == k for w, k in zip(want, key)))
+
     def by_link(self, tag: Optional[str] = None) -> dict[str, int]:
         """Forward + backward bytes per link class."""
         return {link: self.total(link=link, tag=tag) for link in LINK_CLASSES}
+
     def reset(self) -> None:
         for counts in (self.bytes, self.calls, self.to_rank):
             counts.clear()
@@ -200,12 +217,15 @@ def _all_to_all_single(x: Tensor, group: CommGroup, send: Splits, recv: Splits, 
         ledger.record(tag, direction, [r * row_bytes for r in sent], group)
     group.exchange(out, x, send, recv)
     return out
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single whose backward is the reverse all-to-all (send and receive splits swapped)."""
+
     @staticmethod
     def forward(ctx, x, group, send, recv, ledger, tag):
         ctx.args = group, send, recv, ledger, tag
         return _all_to_all_single(x, group, send, recv, ledger, tag, "forward")
+
     @staticmethod
     def backward(ctx, grad):
         group, send, recv, ledger, tag = ctx.args
@@ -243,6 +263,7 @@ class MoEConfig:
     batch_prioritized_routing: bool = False
     eval_capacity_token_fraction: Optional[float] = None  # None: the training formula at eval time too
     local_no_capacity: bool = False
+
     def __post_init__(self) -> None:
         def number(v, kind) -> bool:  # a bool is not a number (True == 1), nor is a string
             return isinstance(v, kind) and not isinstance(v, bool)
@@ -293,6 +314,7 @@ class Routing(NamedTuple):
 def expert_capacity(tokens: int, experts: int, k: int, capacity_factor: float) -> int:
     """Buffer slots per expert: C = ceil(capacity_factor * k * tokens / experts) (k = 2, factor 1: GShard's 2S/E)."""
     return _ceil(capacity_factor * k * tokens / experts)
+
 def inverse_permutation(order: Tensor) -> Tensor:
     """The positions p with order[p] = i, i.e. xs == xs[order][inverse_permutation(order)]: (m,) -> (m,)."""
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
@@ -366,13 +388,16 @@ def _take_rows(x: Tensor, index: Tensor, zero_missing: bool) -> Tensor:
         return x.new_zeros(index.shape[0], *x.shape[1:])
     rows = x.index_select(0, index.clamp(min=0))
     return rows.masked_fill((index < 0).view(-1, *[1] * (x.dim() - 1)), 0) if zero_missing else rows
+
 class _GatherRows(torch.autograd.Function):
     """y = x[index] (rows) whose backward is a gather too: inverse[i] lists the rows of y reading row i of x (-1: none),
     so grad_x[i] = sum_j grad_y[inverse[i, j]] needs no scatter-add: no atomics, and the same bits on every run."""
+
     @staticmethod
     def forward(ctx, x, index, inverse):
         ctx.save_for_backward(inverse)
         return _take_rows(x, index, zero_missing=False)
+
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
@@ -384,6 +409,7 @@ def dispatch(x: Tensor, routing: Routing, num_experts: int) -> Tensor:
     k, c = routing.expert.shape[1], routing.capacity
     token = routing.source.div(k, rounding_mode="floor")  # (e*c,): the token in each slot; -1 if empty
     return _GatherRows.apply(x, token, routing.place).view(num_experts, c, x.shape[1])  # (e, c, d)
+
 def combine(expert_out: Tensor, routing: Routing) -> Tensor:
     """y_t = sum_i w_ti * FFN_{e_ti}(x_t) (w = 0 where dropped): (e, c, d) -> (t, d)."""
     e, c, d = expert_out.shape
@@ -395,16 +421,19 @@ def combine(expert_out: Tensor, routing: Routing) -> Tensor:
 
 class Experts(nn.Module):
     """n position-wise FFNs, FFN(x) = act(x W1 + b1) W2 + b2, evaluated as one batched matmul."""
+
     def __init__(self, n: int, d_model: int, d_ffn: int, activation: str = "relu") -> None:
         super().__init__()
         self.n, self.d_model, self.d_ffn, self.activation = n, d_model, d_ffn, activation
         self.w1, self.b1 = nn.Parameter(torch.empty(n, d_model, d_ffn)), nn.Parameter(torch.empty(n, 1, d_ffn))
         self.w2, self.b2 = nn.Parameter(torch.empty(n, d_ffn, d_model)), nn.Parameter(torch.empty(n, 1, d_model))
         self.reset_parameters()
+
     def reset_parameters(self) -> None:
         # as nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
         for p, fan_in in zip((self.w1, self.b1, self.w2, self.b2), (self.d_model,) * 2 + (self.d_ffn,) * 2):
             nn.init.uniform_(p, -fan_in**-0.5, fan_in**-0.5)
+
     def forward(self, x: Tensor) -> Tensor:  # (n, c, d) -> (n, c, d)
         h = torch.baddbmm(self.b1, x, self.w1)  # (n, c, f)
         h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
@@ -416,11 +445,13 @@ class Tier(NamedTuple):
     group: CommGroup
     capacity: int  # c: slots per expert, the same on every member
     ledger: Optional[CommLedger] = None  # where the bytes are counted
+
 class TierRouting(NamedTuple):
     """What one tier (or the whole GShard layer) did with its tokens."""
     tokens: Optional[Tensor]  # (t_tier,) positions of the tier's tokens in the layer input; None: all
     first_expert: int  # global id of the tier's expert 0 (its experts are contiguous)
     routing: Routing
+
 class MoEOutput(NamedTuple):
     y: Tensor  # (t, d) layer output; 0 for padding
     aux_loss: Tensor  # () load-balancing loss (mean over the tiers that hold real tokens)
@@ -439,12 +470,14 @@ def send_to_experts(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], tier:
     send = dispatch(x, routing, g * n)  # (g*n, c, d): member-major, as the experts live
     recv = all_to_all(send.view(g * n * c, d), tier.group, ledger=tier.ledger, tag=tier.name)  # member j's (n, c, d)
     return routing, recv.view(g, n, c, d).transpose(0, 1).reshape(n, g * c, d)  # (n, g*c, d)
+
 def return_from_experts(h: Tensor, routing: Routing, tier: Tier) -> Tensor:
     """Send the experts' outputs (n, g * c, d) back to their tokens' ranks and combine: (t, d)."""
     n, d, g, c = h.shape[0], h.shape[2], tier.group.size, routing.capacity
     back = h.view(n, g, c, d).transpose(0, 1).reshape(g * n * c, d)  # (g*n*c, d): member j's slots together
     out = all_to_all(back, tier.group, ledger=tier.ledger, tag=tier.name).view(g * n, c, d)  # (g*n, c, d)
     return combine(out, routing)  # (t, d)
+
 def moe_tier(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], tier: Tier, experts: Experts,
              cfg: MoEConfig) -> tuple[Tensor, Routing]:
     """One MoE over the tier's experts: gate -> dispatch -> all-to-all -> experts -> all-to-all -> combine."""
@@ -462,15 +495,18 @@ def _check_input(x: Tensor, pad_mask: Optional[Tensor], d_model: int, layer: str
         got = f"{pad_mask.dtype} of shape {tuple(pad_mask.shape)}" if is_mask else type(pad_mask).__name__
         raise ValueError(f"{layer}: pad_mask must be a bool tensor of shape ({x.shape[0]},), one flag per token "
                          f"of x, got {got}; e.g. pad_mask.reshape(-1).bool()")
+
 def _real_tokens(t: int, pad_mask: Optional[Tensor]) -> int:
     """Real tokens as a host integer: the layers' one device-to-host copy, only with a mask (capacities are shapes)."""
     return t if pad_mask is None else t - int(pad_mask.sum())
+
 def _mean_aux(losses: list[Tensor], like: Tensor) -> Tensor:
     """The mean of the tiers' auxiliary losses (0 when no tier ran)."""
     return torch.stack(losses).mean() if losses else like.new_zeros((), dtype=torch.float32)
 
 class _MoELayer(nn.Module):
     """Every MoE layer's config, topology, n = E / W experts per rank, router W_g over all E, experts, and ledger."""
+
     def __init__(self, cfg: MoEConfig, topology: Topology) -> None:
         super().__init__()
         if cfg.num_experts % topology.world_size != 0:
@@ -480,8 +516,10 @@ class _MoELayer(nn.Module):
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)  # W_g
         self.experts = self._experts()
         self.ledger = CommLedger()
+
     def _experts(self) -> nn.Module:
         return Experts(self.n, self.cfg.d_model, self.cfg.d_ffn, self.cfg.activation)  # this rank's n experts
+
     def _tier(self, name: str, largest: int) -> tuple[Tier, int, int]:
         """Tier `name` (capacity for the group's largest real-token count) and its experts' ids [first, last)."""
         group, cfg = self.topology.group(name), self.cfg
@@ -493,12 +531,14 @@ class _MoELayer(nn.Module):
         else:
             capacity = expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
         return Tier(name, group, capacity, self.ledger), first, last
+
     def _no_output(self, x: Tensor) -> MoEOutput:
         """The output when no rank of the group holds a real token: 0 everywhere, no tier ran."""
         return MoEOutput(x.new_zeros(x.shape), _mean_aux([], x), {})
 
 class GShardMoE(_MoELayer):
     """The GShard MoE layer: top-2 over all E experts, one all-to-all over the world each way."""
+
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         _check_input(x, pad_mask, self.cfg.d_model, "GShardMoE")
         counts = self.topology.gather_counts(_real_tokens(x.shape[0], pad_mask))  # real tokens of every rank
@@ -539,6 +579,7 @@ def seq_select(scores: Tensor, sizes: tuple[int, int, int], topology: Topology, 
 class SCoMoESeq(_MoELayer):
     """SCoMoE-Seq: of the t real tokens, int(alpha t) are gated over this rank's experts (no communication), int(beta t)
     over the node's, the rest over all, sharing the experts: about 1 - alpha - beta of GShard's inter-node bytes."""
+
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         _check_input(x, pad_mask, self.cfg.d_model, "SCoMoESeq")
         topo, cfg = self.topology, self.cfg
@@ -585,10 +626,12 @@ def feat_widths(cfg: MoEConfig, num_nodes: int) -> tuple[int, int, int]:
 class SCoMoEFeat(_MoELayer):
     """SCoMoE-Feat: d_model split into local / node / global slices, gated over this rank's, the node's and all
     experts, the outputs concatenated back to d_model. Inter-node bytes: d_global / d_model of GShard's."""
+
     def _experts(self) -> nn.Module:  # every expert is three FFNs, one per slice width, each with the full d_ffn
         self.widths = feat_widths(self.cfg, self.topology.num_nodes)  # (d_local, d_node, d_global)
         return nn.ModuleDict({tier: Experts(self.n, width, self.cfg.d_ffn, self.cfg.activation)
                               for tier, width in zip(TIERS, self.widths) if width > 0})
+
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         _check_input(x, pad_mask, self.cfg.d_model, "SCoMoEFeat")
         topo, cfg = self.topology, self.cfg
@@ -624,6 +667,7 @@ class NodeLimitedMoE(_MoELayer):
     """Top-2 inside one node per token (node_choice), the other way to cut inter-node bytes: hop 1 sends the token once
     to its peer on that node (ceil(cf * t / N) slots per node), hop 2 is top-2 over that node's G * n experts. One copy
     crosses at most one node boundary (GShard's two may reach two nodes): about half the inter-node bytes on 2 nodes."""
+
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         topo, cfg = self.topology, self.cfg
         t, d = x.shape
@@ -669,6 +713,7 @@ def padding_scores(scores: Tensor, pad_mask: Tensor) -> Tensor:
         return scores.masked_fill(pad_mask[:, None], 0.0)
     lo, hi = finite.min(), finite.max()
     return scores.masked_fill(pad_mask[:, None], lo - torch.where(hi > lo, hi - lo, torch.ones_like(lo)))
+
 def sort_tokens(x: Tensor, scores: Tensor, order: Tensor, tau: float, pad_mask: Optional[Tensor] = None) -> Tensor:
     """Differentiable sorting M X, M = P + S - stopgrad(S), without a (t, t) matrix: x (t, d), scores (t, C), order
     (t,) the hard sort P (t / C slots per cluster, by cluster); S's row for a slot of cluster e is softmax over the
@@ -691,10 +736,12 @@ class ClusterPlan(NamedTuple):
     pad_mask: Tensor  # (t_recv,) True for padding among the tokens now on this rank
     num_tokens: int  # t: this rank's tokens before padding
     group: CommGroup  # the world
+
 class TokenClustering(nn.Module):
     """The first MoE layer with clustering: scores x W_c against one cluster per rank (route_to="rank") or node, the
     balanced assignment (the Appendix), an all-to-all to the clusters' ranks, and there x + FFN(x) (gate="softmax",
     trained by differentiable sorting) or BASE layers' sigmoid gate; with pre_norm, x + FFN(LN(x)). Undo: uncluster."""
+
     def __init__(self, d_model: int, d_ffn: int, topology: Topology, *, route_to: str = "rank",
                  gate: str = "softmax", tau: float = 0.5, activation: str = "relu", pre_norm: bool = False) -> None:
         super().__init__()
@@ -710,10 +757,12 @@ class TokenClustering(nn.Module):
         self.ffn = Experts(1, d_model, d_ffn, activation)  # this rank's FFN
         self.norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
         self.ledger = CommLedger()
+
     @property
     def own_cluster(self) -> int:
         """The cluster this rank serves: its rank, or its node."""
         return self.topology.rank if self.route_to == "rank" else self.topology.node_rank
+
     def cluster(self, x: Tensor, pad_mask: Optional[Tensor] = None, detach_router_input: bool = False,
                 balanced: bool = True) -> tuple[Tensor, ClusterPlan]:
         """Every token to its cluster's rank: (t, d) -> (t_recv, d), and the plan. balanced=False: to its best cluster,
@@ -748,6 +797,7 @@ class TokenClustering(nn.Module):
         moved_pad = all_to_all(is_pad[order].to(torch.uint8), topo.world, send, recv, ledger=self.ledger,
                                tag="cluster").bool()  # (t_recv,)
         return moved, ClusterPlan(order, send, recv, moved_pad, t, topo.world)
+
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None, detach_router_input: bool = False,
                 balanced: bool = True) -> tuple[Tensor, ClusterPlan]:
         moved, plan = self.cluster(x, pad_mask, detach_router_input, balanced)  # (t_recv, d)
@@ -793,6 +843,7 @@ def _check_scores(scores) -> tuple[int, int]:
         raise ValueError(f"balanced assignment needs T to be a positive multiple of C (every cluster gets exactly "
                          f"T // C tokens), got T={T} tokens and C={C} clusters; {fix}")
     return T, C
+
 def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float, float]:
     """(NaN?, +inf?, -inf?, a row all -inf?, least, greatest and std of the finite scores) of s (T, C): one sync."""
     forbidden, finite = torch.isneginf(s), s.isfinite()  # (T, C)
@@ -904,9 +955,11 @@ def _start_phase(s, price, owner, eps, m):
     slot_bid = torch.where(kept, bid[order], price[:, None])      # (C, m) floor = old price
     slot_tok = torch.where(kept, order, T)                        # (C, m)
     return slot_bid, slot_tok, slot_bid[:, m - 1].clone(), (~keep).nonzero().squeeze(1)  # price >= old price
+
 def _n_violators(s, price, owner, eps) -> int:
     """How many tokens break (CS) at these prices: their bid at eps is below their cluster's price."""
     return int((_bid_for(s, price, owner, eps) < price[owner]).sum())  # (host sync)
+
 def _repair_prices(s, price, owner, eps):
     """Prices that keep more of the assignment: Bellman-Ford on (CS) as p[a] - p[b] <= D[a, b] (NOTES.md)."""
     T, C = s.shape
