@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import socket
 import subprocess
@@ -2092,9 +2093,44 @@ def test_cli_errors(argv, message, capsys):
     assert __import__("re").search(message, capsys.readouterr().err)
 
 
-def test_every_command_has_help_and_every_readme_command_parses():
+@pytest.mark.parametrize("case", ["a file", "under a file", "read-only", "checkpoint folder is a file"])
+def test_cli_proves_the_output_folder_writable(tmp_path, case, capsys):
+    """Before any process starts, --out (and with --ckpt-every its checkpoint folder) is created and proven
+    writable: an existing file, a path under a file, a read-only folder, or a checkpoint folder that is a
+    file stop the program with a one-line message naming the flag and the folder."""
+    if case == "read-only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    out, flags = tmp_path / "out", ["--ckpt-every", "5"]
+    if case == "a file":
+        out.write_text("x")
+    elif case == "under a file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "sub"
+    elif case == "read-only":
+        out.mkdir()
+        out.chmod(0o500)
+    else:
+        (out / "ckpt").parent.mkdir()
+        (out / "ckpt").write_text("x")
+    with pytest.raises(SystemExit):
+        toy.parse_args(["train", *flags, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    what = "--ckpt-every 5: the checkpoint folder" if case == "checkpoint folder is a file" else "--out"
+    assert what in err and "choose another --out" in err and "Traceback" not in err, err
+
+
+def test_cli_creates_the_output_folder_and_leaves_no_probe(tmp_path):
+    """A good --out that does not exist yet is created (with its checkpoint folder) by the check, which
+    leaves nothing behind."""
+    out = tmp_path / "a" / "b"
+    toy.parse_args(["train", "--ckpt-every", "5", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt"] and not list((out / "ckpt").iterdir())
+
+
+def test_every_command_has_help_and_every_readme_command_parses(tmp_path, monkeypatch):
     """`--help` of the program and of every command exits 0 and names the command's own flags; every
     `python train_toy.py ...` and `torchrun ... train_toy.py ...` line in README.md parses."""
+    monkeypatch.chdir(tmp_path)  # parsing creates each command's --out
     for command, flag in [(None, "sweep"), ("demo", "--gbps-inter-node"), ("train", "--moe"), ("sweep", "--points"),
                           ("trace", "--moe"), ("bench", "--bench-tokens"), ("bench-assign", "--assign-tokens")]:
         proc = subprocess.run([sys.executable, "train_toy.py", *([command] if command else []), "--help"], cwd=HERE,

@@ -1410,6 +1410,25 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         p.error("--backend nccl needs CUDA tensors: add --device cuda and launch with torchrun")
     if args.device == "cuda" and "RANK" not in os.environ and args.nproc > 1:
         p.error("--device cuda with several processes: launch with torchrun (spawned processes run on the CPU)")
+    if "out" in a:  # last: a command line refused above creates no folder
+        check_writable(args.out, "--out", p)
+        if a.get("ckpt_every"):
+            check_writable(os.path.join(args.out, "ckpt"), f"--ckpt-every {args.ckpt_every}: the checkpoint folder", p)
+
+
+def check_writable(folder: str, what: str, p: argparse.ArgumentParser) -> None:
+    """Create `folder` and prove it writable (write and remove a probe file): a run must not fail at
+    its first save, after hours of training."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        p.error(f"{what} {folder} is a file, not a folder: choose another --out")
+    probe = os.path.join(folder, f".write-probe-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as e:
+        p.error(f"{what} {folder} cannot be created or written ({e.strerror}): choose another --out")
 
 
 def parse_points(text: str, p: argparse.ArgumentParser) -> list[tuple[float, float]]:
