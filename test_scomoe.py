@@ -2127,6 +2127,34 @@ def test_cli_creates_the_output_folder_and_leaves_no_probe(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["ckpt"] and not list((out / "ckpt").iterdir())
 
 
+def test_every_accepted_moe_variant_holds_an_moe_layer(tmp_path, monkeypatch, capsys):
+    """A command line is accepted exactly when every MoE variant it trains holds an MoE layer in both
+    stacks (with clustering, one after the clustering layer), as layer_plan places them: `train --moe seq
+    --layers 1` or `demo --layers 3` (its Seq + clustering) is refused with a message, a dense model of one
+    layer is accepted."""
+    monkeypatch.chdir(tmp_path)  # the check creates --out
+    lines = [["train", "--moe", m, *extra] for m in toy.MOE_KINDS
+             for extra in ([], ["--token-cluster"], ["--reorder-layers"]) if not (m == "dense" and extra)]
+    lines += [["demo"], ["sweep", "--variants", "seq+cluster,dense"], ["sweep", "--variants", "gshard"]]
+    for line in lines:
+        for layers in range(1, 6):
+            argv = [*line, "--layers", str(layers)]
+            try:
+                args = toy.parse_args(argv)
+            except SystemExit:
+                err = capsys.readouterr().err
+                assert "would hold no MoE layer" in err or "--token-cluster needs --layers >= 4" in err, (argv, err)
+                accepted = False
+            else:
+                accepted = True
+            plans = {v.name: [toy.layer_plan(layers, v.moe, v.token_cluster, dec, v.reorder) for dec in (False, True)]
+                     for v in toy.variants(toy.build_parser().parse_args(argv))}
+            holds = all("moe" in plan[plan.index("cluster") + 1:] if "cluster" in plan else "moe" in plan
+                        for name, stacks in plans.items() if not name.startswith("dense") for plan in stacks)
+            assert accepted == holds, (argv, plans)
+    toy.parse_args(["train", "--moe", "dense", "--layers", "1"])
+
+
 def test_every_command_has_help_and_every_readme_command_parses(tmp_path, monkeypatch):
     """`--help` of the program and of every command exits 0 and names the command's own flags; every
     `python train_toy.py ...` and `torchrun ... train_toy.py ...` line in README.md parses."""

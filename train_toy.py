@@ -1206,7 +1206,9 @@ def _flags_moe() -> argparse.ArgumentParser:
 def _flags_training() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model and training")
-    g.add_argument("--layers", type=int, default=6, help="encoder layers and decoder layers (MoE in every other)")
+    g.add_argument("--layers", type=int, default=6,
+                   help="encoder layers and decoder layers (MoE in every other: an MoE variant needs >= 2, "
+                        "with clustering >= 4)")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout")
     g.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss")
     g.add_argument("--cluster-gate", default="softmax", choices=["softmax", "sigmoid"],
@@ -1385,8 +1387,6 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
                     f"--aux-weight >= 0 (got {args.aux_weight})")
         if not 0 <= args.label_smoothing < 1:
             p.error(f"--label-smoothing {args.label_smoothing}: must lie in [0, 1)")
-        if args.layers < 2:
-            p.error(f"--layers {args.layers}: MoE sits in every other layer; need at least 2")
     if args.command == "train":
         if args.reorder_layers and args.moe == "dense":
             p.error("--reorder-layers needs an MoE variant (--moe gshard|seq|feat|node-limited)")
@@ -1399,6 +1399,8 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
                 "only the differentiable sort trains the clustering router)")
     try:
         for variant in variants(args, p):
+            if "steps" in a:
+                check_plan(args, variant, p)
             cfg = moe_config(variant.apply(args))
             if variant.moe == "feat" or args.command == "bench":
                 sc.feat_widths(cfg, world // rpn)
@@ -1414,6 +1416,19 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         check_writable(args.out, "--out", p)
         if a.get("ckpt_every"):
             check_writable(os.path.join(args.out, "ckpt"), f"--ckpt-every {args.ckpt_every}: the checkpoint folder", p)
+
+
+def check_plan(args: argparse.Namespace, variant: Variant, p: argparse.ArgumentParser) -> None:
+    """An MoE variant must hold an MoE layer (with clustering: one after the clustering layer), as
+    layer_plan places them; otherwise it would train a model other than the one it names."""
+    def has_moe(layers: int) -> bool:
+        return all("moe" in layer_plan(layers, variant.moe, variant.token_cluster, decoder, variant.reorder)
+                   for decoder in (False, True))
+    if variant.moe != "dense" and not has_moe(args.layers):
+        need = next(n for n in range(1, 64) if has_moe(n))
+        after = " after its clustering layer" if variant.token_cluster else ""
+        p.error(f"--layers {args.layers}: {variant.name} would hold no MoE layer{after} (MoE sits in every other "
+                f"layer); use --layers >= {need}")
 
 
 def check_writable(folder: str, what: str, p: argparse.ArgumentParser) -> None:
