@@ -10,10 +10,12 @@ applied to every token it serves. Comparisons are in float64.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -1969,6 +1971,60 @@ def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
     assert resumed["losses"] == straight["losses"]
     files = sorted(p.name for p in (tmp_path / "b" / "ckpt" / "seq+cluster" / "step000008").iterdir())
     assert files == ["rank0.pt", "rank1.pt", "rank2.pt", "rank3.pt", "shared.pt"]
+
+
+def test_checkpoints_are_whole_verified_units_and_resume_checks_them_first(tmp_path, capsys):
+    """Each checkpoint step is a whole, verifiable unit: rank 0 writes its manifest last, holding the run's
+    fingerprint and each file's sha256. Before any process starts, --resume refuses other settings (naming
+    each differing flag with both values), --steps below the checkpoint's step, and a folder without a
+    complete checkpoint unless --resume-or-start; it skips, naming the file, a step whose manifest is
+    missing (a crash mid-save) or whose file fails its checksum, and resumes from the newest complete step,
+    giving the uninterrupted loss sequence. A fresh run into a folder with checkpoints is refused unless
+    --overwrite. Every run's results are kept: results-NNNN.json, and results.json is the newest."""
+    flags = ["--moe", "seq", "--nproc", "2", "--ckpt-every", "2", "--steps", "4", "--eval-sentences", "4"]
+    out = tmp_path / "run"
+    [first], _ = run_trainer(out, "train", *flags)
+    root = out / "ckpt" / "seq"
+    manifest = json.loads((root / "step000004.manifest.json").read_text())
+    assert set(manifest["sha256"]) == {"shared.pt", "rank0.pt", "rank1.pt"}
+    for name, digest in manifest["sha256"].items():
+        assert hashlib.sha256((root / "step000004" / name).read_bytes()).hexdigest() == digest
+    fp = manifest["fingerprint"]
+    assert fp["variant"] == "seq" and fp["ranks"] == 2 and fp["--seed"] == 0 and fp["--lr"] == 5e-3
+    assert fp["--d-model"] == 16 and fp["--ratio1"] == 0.25 and "--steps" not in fp
+
+    def parse(*a: str, at: Path = out):
+        return toy.parse_args(["train", *TINY, *flags, "--out", str(at), *a])
+
+    def refused(*a: str, at: Path = out) -> str:
+        with pytest.raises(SystemExit):
+            parse(*a, at=at)
+        return capsys.readouterr().err
+
+    assert "holds checkpoints of an earlier run: add --resume to continue it, or --overwrite" in refused()
+    parse("--overwrite")  # accepted: the launcher deletes them before any rank starts
+    err = refused("--resume", "--lr", "0.01", "--seed", "1").strip().splitlines()[-1]
+    assert "was written with other settings" in err and "--lr 0.01 (checkpoint: 0.005)" in err \
+        and "--seed 1 (checkpoint: 0)" in err, err
+    assert "ranks 4 (checkpoint: 2)" in refused("--resume", "--nproc", "4")
+    assert "--steps 3 is below the checkpoint's step 4" in refused("--resume", "--steps", "3")
+    assert "--resume: no complete checkpoint in" in refused("--resume", at=tmp_path / "empty")
+    assert parse("--resume-or-start", at=tmp_path / "empty").resume_from == {}
+    capsys.readouterr()
+
+    (root / "step000004.manifest.json").unlink()  # as if the launcher died while step 4 was being saved
+    assert parse("--resume").resume_from == {str(root): str(root / "step000002")}
+    assert "step000004.manifest.json" in capsys.readouterr().err
+    shutil.copytree(out, tmp_path / "corrupt")
+    with open(tmp_path / "corrupt" / "ckpt" / "seq" / "step000002" / "rank1.pt", "ab") as f:
+        f.write(b"x")
+    err = refused("--resume", at=tmp_path / "corrupt")
+    assert "step000002/rank1.pt missing or not matching its sha256" in err and "no complete checkpoint" in err
+
+    [resumed], stdout = run_trainer(out, "train", *flags, "--resume")
+    assert "resumed from step 2" in stdout and resumed["losses"] == first["losses"]
+    assert json.loads((out / "results-0001.json").read_text()) == [first]
+    assert json.loads((out / "results-0002.json").read_text()) == [resumed]
 
 
 def test_bench_runs_and_writes_bench_json(tmp_path):
