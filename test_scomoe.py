@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -2025,6 +2026,55 @@ def test_checkpoints_are_whole_verified_units_and_resume_checks_them_first(tmp_p
     assert "resumed from step 2" in stdout and resumed["losses"] == first["losses"]
     assert json.loads((out / "results-0001.json").read_text()) == [first]
     assert json.loads((out / "results-0002.json").read_text()) == [resumed]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc/*/stat)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_spawned_workers_end_when_the_launcher_is_killed(tmp_path):
+    """No orphans: once the launcher has spawned its workers and they train, killing it with SIGKILL ends
+    every one of them within seconds. The launcher starts with SIGINT ignored, as a background job of a
+    shell script does, which disables torch's own parent-death signal (SIGINT)."""
+    proc = subprocess.Popen([sys.executable, "train_toy.py", "train", *TINY, "--nproc", "2", "--steps", "100000",
+                             "--log-every", "1", "--out", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    workers = []
+    try:
+        for line in proc.stdout:
+            if "step 1/" in line:  # the workers are training
+                break
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers  # the two ranks (and multiprocessing's resource tracker)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _running(w)]
+    finally:
+        proc.kill()
+        for w in workers:  # whatever the outcome, leave nothing running
+            if _running(w):
+                os.kill(w, signal.SIGKILL)
 
 
 def test_bench_runs_and_writes_bench_json(tmp_path):

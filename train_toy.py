@@ -21,15 +21,18 @@ ranks. Rank 0 prints one line every few steps and writes its results under --out
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
+import signal
 import socket
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -1671,7 +1674,26 @@ def inject_fault(args: argparse.Namespace, step: int, topo: sc.Topology) -> None
         os._exit(1)
 
 
-def _worker(rank: int, args: argparse.Namespace, world: int, port: Optional[int]) -> None:
+def die_with_launcher(launcher: int) -> None:
+    """A spawned rank ends when its launcher dies, however it dies (SIGKILL included). torch's own
+    parent-death signal is SIGINT, which a launcher started with SIGINT ignored (a background job of a
+    script) passes on ignored: so SIGKILL from the kernel on Linux, a thread watching the parent elsewhere."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    else:
+        def watch() -> None:
+            while os.getppid() == launcher:
+                time.sleep(0.5)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != launcher:  # it died before the lines above
+        os._exit(1)
+
+
+def _worker(rank: int, args: argparse.Namespace, world: int, port: Optional[int],
+            launcher: Optional[int] = None) -> None:
+    if launcher is not None:
+        die_with_launcher(launcher)
     topo, device = init_distributed(args, rank, world, port)
     try:
         run(args, topo, device)
@@ -1693,7 +1715,7 @@ def launch(args: argparse.Namespace) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_worker, args=(args, args.nproc, port), nprocs=args.nproc, join=True)
+        mp.spawn(_worker, args=(args, args.nproc, port, os.getpid()), nprocs=args.nproc, join=True)
 
 
 if __name__ == "__main__":
