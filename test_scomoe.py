@@ -2077,6 +2077,23 @@ def test_spawned_workers_end_when_the_launcher_is_killed(tmp_path):
                 os.kill(w, signal.SIGKILL)
 
 
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A non-finite loss (here forced on one rank by the testing hook --nan-at-step 3) stops every rank at
+    that step: rank 0 prints one line naming the step, the run exits non-zero without a traceback or
+    results, and no checkpoint is saved after it: the newest is still the last good one (step 2). With
+    clustering too, whose auction refuses NaN scores: no step runs on the non-finite weights."""
+    proc = subprocess.run([sys.executable, "train_toy.py", "train", *TINY, "--moe", "seq", "--token-cluster",
+                           "--layers", "4", "--nproc", "2", "--steps", "6", "--ckpt-every", "2", "--nan-at-step", "3",
+                           "--out", str(tmp_path)], cwd=HERE, capture_output=True, text=True, timeout=600)
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "not finite" in line]
+    assert proc.returncode != 0 and len(said) == 1 and "step 3: the loss is not finite" in said[0], \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "newest checkpoint is step 2" in said[0]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "seq+cluster").iterdir()) == ["step000002",
+                                                                                      "step000002.manifest.json"]
+    assert not list(tmp_path.glob("results*.json"))
+
+
 def test_bench_runs_and_writes_bench_json(tmp_path):
     """A small `bench` on 4 processes (2 nodes x 2) writes bench.json with the contract's keys; the ledger's
     bytes put Seq's and node-limited's inter-node traffic below GShard's, and the prediction adds bytes over

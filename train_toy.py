@@ -710,9 +710,9 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     print0(f"[{variant.name}] {n_params / 1e6:.2f}M parameters, {topo.world_size} ranks "
            f"({topo.num_nodes} node(s) x {topo.ranks_per_node}), {args.experts} experts, "
            f"layers: enc {' '.join(model.encoder.plan)} | dec {' '.join(model.decoder.plan)}")
-    started, first_step = time.perf_counter(), state.step
+    started, first_step, saved = time.perf_counter(), state.step, state.step if step_dir else None
     while state.step < args.steps:
-        inject_fault(args, state.step, topo)
+        inject_fault(args, state.step, topo, model)
         batch = train_batch(task, state.step, topo.rank, topo.world_size, args.batch // topo.world_size, args.seed)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -745,23 +745,37 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
                                                 for r in range(topo.world_size)])
         for ledger in model.ledgers():
             ledger.reset()
-        stats = torch.stack([ce.detach(), aux.detach(), (assigned - accepted).to(ce.dtype), assigned.to(ce.dtype)])
+        # a finite loss can still have non-finite gradients, which leave non-finite weights
+        bad_grads = torch.stack([~p.grad.isfinite().all() for p in model.parameters() if p.grad is not None]).sum()
+        stats = torch.stack([ce.detach(), aux.detach(), (assigned - accepted).to(ce.dtype), assigned.to(ce.dtype),
+                             bad_grads.to(ce.dtype)])
         totals = all_sum(torch.cat([stats.double(), torch.tensor(sent, dtype=torch.float64, device=device)]))
+        if not (math.isfinite(totals[0]) and math.isfinite(totals[1])) or totals[4]:  # global sums: all ranks agree
+            what = (f"the loss is not finite ({totals[0] / n_global:g})" if not math.isfinite(totals[0]) else
+                    f"the aux loss is not finite ({totals[1]:g})" if not math.isfinite(totals[1]) else
+                    f"the gradients of {totals[4]:g} parameter tensors are not finite")
+            print0(f"[{variant.name}] step {state.step + 1}: {what}; stopped without saving; " +
+                   (f"the newest checkpoint is step {saved}, in {ckpt_dir(args, variant)}" if saved is not None
+                    else "no checkpoint was saved"))
+            if dist.is_initialized():
+                dist.barrier()  # rank 0 has spoken before any rank exits
+            raise SystemExit(STOPPED)
         state.losses.append(totals[0] / n_global)
         state.auxes.append(totals[1] / topo.world_size)
-        for link, b in zip(sc.LINK_CLASSES, totals[4:]):
+        for link, b in zip(sc.LINK_CLASSES, totals[5:]):
             state.bytes[link] += int(b)
         state.step += 1
         if state.step % args.log_every == 0 or state.step == args.steps:
             median = statistics.median(state.step_times[-args.log_every:])
             eta = (args.steps - state.step) * median
-            mb = " ".join(f"{short} {b / 1e6:.2f}" for short, b in zip(("device", "node", "inter"), totals[4:]))
+            mb = " ".join(f"{short} {b / 1e6:.2f}" for short, b in zip(("device", "node", "inter"), totals[5:]))
             print0(f"[{variant.name}] step {state.step}/{args.steps} | loss {state.losses[-1]:.3f} | "
                    f"aux {state.auxes[-1]:.3f} | {n_global / median:,.0f} tgt tok/s | "
                    f"dropped {100 * totals[2] / max(totals[3], 1):.1f}% | MB/step {mb} | ETA {eta:.0f}s "
                    f"({state.step - first_step} steps this run)")
         if args.ckpt_every and state.step % args.ckpt_every == 0:
             save_checkpoint(args, variant, model, opt_shared, opt_experts, state, topo)
+            saved = state.step
         if args.eval_every and state.step % args.eval_every == 0 and state.step < args.steps:
             scores = evaluate(model, task, topo, device, args.eval_sentences)
             state.evals.append({"step": state.step, **{k: scores.get(k) for k in ("bleu", "valid_loss")}})
@@ -1225,6 +1239,7 @@ def bench_assign(args: argparse.Namespace) -> None:
 # Command line and launch
 
 COMMANDS = ("demo", "train", "sweep", "trace", "bench", "bench-assign")
+STOPPED = 3  # the exit status of a run that stopped itself (a non-finite loss) after saying why
 MOE_KINDS = ("dense", "gshard", "seq", "feat", "node-limited")
 SWEEP_VARIANTS = ("dense", "gshard", "node-limited", "seq", "seq+cluster", "feat")
 
@@ -1329,7 +1344,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="(default) the classroom demo: GShard, node-limited, Seq, Feat, Seq + clustering",
                           description="Train each variant at one locality point, then compare quality, bytes per "
                                       "link and the step time predicted on a stated cluster.")
-    demo.set_defaults(steps=300, fail_at_step=None)
+    demo.set_defaults(steps=300, fail_at_step=None, nan_at_step=None)
 
     train = sub.add_parser("train", parents=[task(), moe(), training(), cost(), procs()], formatter_class=fmt,
                            help="train one variant", description="Train one variant and evaluate it.")
@@ -1340,6 +1355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the clustering layer order (attention first, MoE FFNs last) without clustering")
     g.add_argument("--fail-at-step", type=int, default=None,
                    help="testing restarts: rank 1 exits at this step on the first attempt (torchrun restarts it)")
+    g.add_argument("--nan-at-step", type=int, default=None,
+                   help="testing: this step's loss is made not finite (the run must stop there, exit 3)")
 
     sweep = sub.add_parser("sweep", parents=[task(), moe(), training(), procs()], formatter_class=fmt,
                            help="quality against inter-node bytes: variants x locality points x seeds",
@@ -1352,7 +1369,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ratio1:ratio2 pairs of Seq, Seq + clustering and Feat, comma-separated")
     g.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     g.add_argument("--report-only", action="store_true", help="write the table and picture of the runs done so far")
-    sweep.set_defaults(out="sweep", eval_every=200, fail_at_step=None)
+    sweep.set_defaults(out="sweep", eval_every=200, fail_at_step=None, nan_at_step=None)
 
     trace = sub.add_parser("trace", parents=[moe(), procs()], formatter_class=fmt,
                            help="each token's tier, experts and ranks in one MoE layer; bytes per link")
@@ -1666,8 +1683,14 @@ def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Opti
     return sc.build_topology(rpn), device
 
 
-def inject_fault(args: argparse.Namespace, step: int, topo: sc.Topology) -> None:
-    """`train --fail-at-step S`, for testing restarts: rank 1 exits at step S on torchrun's first attempt."""
+def inject_fault(args: argparse.Namespace, step: int, topo: sc.Topology, model: nn.Module) -> None:
+    """The testing hooks of `train`, before the step after `step` steps. --fail-at-step S (restarts): rank 1
+    exits at step S on torchrun's first attempt. --nan-at-step S: the last rank's final decoder LayerNorm
+    becomes NaN (after every MoE and clustering layer), so that the S-th step's loss (the log's "step S") is
+    not finite."""
+    if args.nan_at_step == step + 1 and topo.rank == topo.world_size - 1:
+        with torch.no_grad():
+            model.decoder.norm.weight.fill_(float("nan"))
     if args.fail_at_step == step and topo.rank == min(1, topo.world_size - 1) \
             and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
         print(f"rank {topo.rank}: exiting at step {step} (--fail-at-step)", flush=True)
@@ -1715,7 +1738,12 @@ def launch(args: argparse.Namespace) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_worker, args=(args, args.nproc, port, os.getpid()), nprocs=args.nproc, join=True)
+        try:
+            mp.spawn(_worker, args=(args, args.nproc, port, os.getpid()), nprocs=args.nproc, join=True)
+        except mp.ProcessExitedException as e:  # a rank stopped the run (it said why) or was killed
+            if e.exit_code != STOPPED:
+                print(f"train_toy.py: {e}", file=sys.stderr)
+            sys.exit(e.exit_code if e.exit_code > 0 else 1)
 
 
 if __name__ == "__main__":
