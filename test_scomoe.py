@@ -2336,8 +2336,8 @@ def test_sweep_runs_every_point_and_resumes(tmp_path):
     assert len(list((tmp_path / "runs").iterdir())) == 6
 
 
-def _timeout_worker(rank: int, port: int, report, release) -> None:
-    args = toy.parse_args(["--nproc", "2", "--timeout", "3"])
+def _timeout_worker(rank: int, port: int, report, release, out: str) -> None:
+    args = toy.parse_args(["--nproc", "2", "--timeout", "3", "--out", out])
     topo, _ = toy.init_distributed(args, rank, 2, port)
     if rank == 0:
         start = time.perf_counter()
@@ -2350,13 +2350,14 @@ def _timeout_worker(rank: int, port: int, report, release) -> None:
         release.wait(60)  # never joins the collective
 
 
-def test_a_collective_that_cannot_complete_fails_after_the_timeout():
+def test_a_collective_that_cannot_complete_fails_after_the_timeout(tmp_path):
     """With --timeout 3, an all-to-all that a rank never joins raises an error on the other rank after
     about the timeout, instead of hanging."""
     ctx = mp.get_context("spawn")
     report, release = ctx.Queue(), ctx.Event()
     port = _free_port()
-    procs = [ctx.Process(target=_timeout_worker, args=(r, port, report, release), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=_timeout_worker, args=(r, port, report, release, str(tmp_path)),
+                         daemon=True) for r in range(2)]
     for p in procs:
         p.start()
     outcome, elapsed = report.get(timeout=90)
