@@ -1981,7 +1981,8 @@ def test_checkpoints_are_whole_verified_units_and_resume_checks_them_first(tmp_p
     complete checkpoint unless --resume-or-start; it skips, naming the file, a step whose manifest is
     missing (a crash mid-save) or whose file fails its checksum, and resumes from the newest complete step,
     giving the uninterrupted loss sequence. A fresh run into a folder with checkpoints is refused unless
-    --overwrite. Every run's results are kept: results-NNNN.json, and results.json is the newest."""
+    --overwrite, which deletes them first. Every run's results are kept: results-NNNN.json, and
+    results.json is the newest."""
     flags = ["--moe", "seq", "--nproc", "2", "--ckpt-every", "2", "--steps", "4", "--eval-sentences", "4"]
     out = tmp_path / "run"
     [first], _ = run_trainer(out, "train", *flags)
@@ -2026,6 +2027,9 @@ def test_checkpoints_are_whole_verified_units_and_resume_checks_them_first(tmp_p
     assert "resumed from step 2" in stdout and resumed["losses"] == first["losses"]
     assert json.loads((out / "results-0001.json").read_text()) == [first]
     assert json.loads((out / "results-0002.json").read_text()) == [resumed]
+    run_trainer(out, "train", *flags, "--overwrite", "--steps", "2")  # no step of the earlier runs is left
+    assert sorted(p.name for p in root.iterdir()) == ["step000002", "step000002.manifest.json"]
+    assert (out / "results-0003.json").read_text() == (out / "results.json").read_text()
 
 
 def _children(pid: int) -> list[int]:

@@ -1728,8 +1728,11 @@ def _worker(rank: int, args: argparse.Namespace, world: int, port: Optional[int]
 def launch(args: argparse.Namespace) -> None:
     """Under torchrun: this process is one rank. Otherwise spawn --nproc CPU ranks on a free local port."""
     if vars(args).get("overwrite") and os.environ.get("RANK", "0") == "0":  # before any rank can save
-        for run_args, variant in checkpoint_runs(args):
-            shutil.rmtree(ckpt_dir(run_args, variant), ignore_errors=True)
+        for root in [ckpt_dir(*run) for run in checkpoint_runs(args) if os.path.isdir(ckpt_dir(*run))]:
+            try:
+                shutil.rmtree(root)
+            except OSError as e:  # left in place, its steps would mix with this run's
+                sys.exit(f"--overwrite: cannot delete {root} ({e.strerror}): delete it yourself, or use another --out")
     if "RANK" in os.environ:
         _worker(int(os.environ["RANK"]), args, int(os.environ["WORLD_SIZE"]), None)
     elif args.nproc == 1:
