@@ -10,9 +10,13 @@ applied to every token it serves. Comparisons are in float64.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import pickle
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1982,6 +1986,130 @@ def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
     assert files == ["rank0.pt", "rank1.pt", "rank2.pt", "rank3.pt", "shared.pt"]
 
 
+def test_checkpoints_are_whole_verified_units_and_resume_checks_them_first(tmp_path, capsys):
+    """Each checkpoint step is a whole, verifiable unit: rank 0 writes its manifest last, holding the run's
+    fingerprint and each file's sha256. Before any process starts, --resume refuses other settings (naming
+    each differing flag with both values), --steps below the checkpoint's step, and a folder without a
+    complete checkpoint unless --resume-or-start; it skips, naming the file, a step whose manifest is
+    missing (a crash mid-save) or whose file fails its checksum, and resumes from the newest complete step,
+    giving the uninterrupted loss sequence. A fresh run into a folder with checkpoints is refused unless
+    --overwrite, which deletes them first. Every run's results are kept: results-NNNN.json, and
+    results.json is the newest."""
+    flags = ["--moe", "seq", "--nproc", "2", "--ckpt-every", "2", "--steps", "4", "--eval-sentences", "4"]
+    out = tmp_path / "run"
+    [first], _ = run_trainer(out, "train", *flags)
+    root = out / "ckpt" / "seq"
+    manifest = json.loads((root / "step000004.manifest.json").read_text())
+    assert set(manifest["sha256"]) == {"shared.pt", "rank0.pt", "rank1.pt"}
+    for name, digest in manifest["sha256"].items():
+        assert hashlib.sha256((root / "step000004" / name).read_bytes()).hexdigest() == digest
+    fp = manifest["fingerprint"]
+    assert fp["variant"] == "seq" and fp["ranks"] == 2 and fp["--seed"] == 0 and fp["--lr"] == 5e-3
+    assert fp["--d-model"] == 16 and fp["--ratio1"] == 0.25 and "--steps" not in fp
+
+    def parse(*a: str, at: Path = out):
+        return toy.parse_args(["train", *TINY, *flags, "--out", str(at), *a])
+
+    def refused(*a: str, at: Path = out) -> str:
+        with pytest.raises(SystemExit):
+            parse(*a, at=at)
+        return capsys.readouterr().err
+
+    assert "holds checkpoints of an earlier run: add --resume to continue it, or --overwrite" in refused()
+    parse("--overwrite")  # accepted: the launcher deletes them before any rank starts
+    err = refused("--resume", "--lr", "0.01", "--seed", "1").strip().splitlines()[-1]
+    assert "was written with other settings" in err and "--lr 0.01 (checkpoint: 0.005)" in err \
+        and "--seed 1 (checkpoint: 0)" in err, err
+    assert "ranks 4 (checkpoint: 2)" in refused("--resume", "--nproc", "4")
+    assert "--steps 3 is below the checkpoint's step 4" in refused("--resume", "--steps", "3")
+    assert "--resume: no complete checkpoint in" in refused("--resume", at=tmp_path / "empty")
+    assert parse("--resume-or-start", at=tmp_path / "empty").resume_from == {}
+    capsys.readouterr()
+
+    (root / "step000004.manifest.json").unlink()  # as if the launcher died while step 4 was being saved
+    assert parse("--resume").resume_from == {str(root): str(root / "step000002")}
+    assert "step000004.manifest.json" in capsys.readouterr().err
+    shutil.copytree(out, tmp_path / "corrupt")
+    with open(tmp_path / "corrupt" / "ckpt" / "seq" / "step000002" / "rank1.pt", "ab") as f:
+        f.write(b"x")
+    err = refused("--resume", at=tmp_path / "corrupt")
+    assert "step000002/rank1.pt missing or not matching its sha256" in err and "no complete checkpoint" in err
+
+    [resumed], stdout = run_trainer(out, "train", *flags, "--resume")
+    assert "resumed from step 2" in stdout and resumed["losses"] == first["losses"]
+    assert json.loads((out / "results-0001.json").read_text()) == [first]
+    assert json.loads((out / "results-0002.json").read_text()) == [resumed]
+    run_trainer(out, "train", *flags, "--overwrite", "--steps", "2")  # no step of the earlier runs is left
+    assert sorted(p.name for p in root.iterdir()) == ["step000002", "step000002.manifest.json"]
+    assert (out / "results-0003.json").read_text() == (out / "results.json").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc/*/stat)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_spawned_workers_end_when_the_launcher_is_killed(tmp_path):
+    """No orphans: once the launcher has spawned its workers and they train, killing it with SIGKILL ends
+    every one of them within seconds. The launcher starts with SIGINT ignored, as a background job of a
+    shell script does, which disables torch's own parent-death signal (SIGINT)."""
+    proc = subprocess.Popen([sys.executable, "train_toy.py", "train", *TINY, "--nproc", "2", "--steps", "100000",
+                             "--log-every", "1", "--out", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    workers = []
+    try:
+        for line in proc.stdout:
+            if "step 1/" in line:  # the workers are training
+                break
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers  # the two ranks (and multiprocessing's resource tracker)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _running(w)]
+    finally:
+        proc.kill()
+        for w in workers:  # whatever the outcome, leave nothing running
+            if _running(w):
+                os.kill(w, signal.SIGKILL)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A non-finite loss (here forced on one rank by the testing hook --nan-at-step 3) stops every rank at
+    that step: rank 0 prints one line naming the step, the run exits non-zero without a traceback or
+    results, and no checkpoint is saved after it: the newest is still the last good one (step 2). With
+    clustering too, whose auction refuses NaN scores: no step runs on the non-finite weights."""
+    proc = subprocess.run([sys.executable, "train_toy.py", "train", *TINY, "--moe", "seq", "--token-cluster",
+                           "--layers", "4", "--nproc", "2", "--steps", "6", "--ckpt-every", "2", "--nan-at-step", "3",
+                           "--out", str(tmp_path)], cwd=HERE, capture_output=True, text=True, timeout=600)
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "not finite" in line]
+    assert proc.returncode != 0 and len(said) == 1 and "step 3: the loss is not finite" in said[0], \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "newest checkpoint is step 2" in said[0]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "seq+cluster").iterdir()) == ["step000002",
+                                                                                      "step000002.manifest.json"]
+    assert not list(tmp_path.glob("results*.json"))
+
+
 def test_bench_runs_and_writes_bench_json(tmp_path):
     """A small `bench` on 4 processes (2 nodes x 2) writes bench.json with the contract's keys; the ledger's
     bytes put Seq's and node-limited's inter-node traffic below GShard's, and the prediction adds bytes over
@@ -2105,9 +2233,72 @@ def test_cli_errors(argv, message, capsys):
     assert __import__("re").search(message, capsys.readouterr().err)
 
 
-def test_every_command_has_help_and_every_readme_command_parses():
+@pytest.mark.parametrize("case", ["a file", "under a file", "read-only", "checkpoint folder is a file"])
+def test_cli_proves_the_output_folder_writable(tmp_path, case, capsys):
+    """Before any process starts, --out (and with --ckpt-every its checkpoint folder) is created and proven
+    writable: an existing file, a path under a file, a read-only folder, or a checkpoint folder that is a
+    file stop the program with a one-line message naming the flag and the folder."""
+    if case == "read-only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    out, flags = tmp_path / "out", ["--ckpt-every", "5"]
+    if case == "a file":
+        out.write_text("x")
+    elif case == "under a file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "sub"
+    elif case == "read-only":
+        out.mkdir()
+        out.chmod(0o500)
+    else:
+        (out / "ckpt").parent.mkdir()
+        (out / "ckpt").write_text("x")
+    with pytest.raises(SystemExit):
+        toy.parse_args(["train", *flags, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    what = "--ckpt-every 5: the checkpoint folder" if case == "checkpoint folder is a file" else "--out"
+    assert what in err and "choose another --out" in err and "Traceback" not in err, err
+
+
+def test_cli_creates_the_output_folder_and_leaves_no_probe(tmp_path):
+    """A good --out that does not exist yet is created (with its checkpoint folder) by the check, which
+    leaves nothing behind."""
+    out = tmp_path / "a" / "b"
+    toy.parse_args(["train", "--ckpt-every", "5", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt"] and not list((out / "ckpt").iterdir())
+
+
+def test_every_accepted_moe_variant_holds_an_moe_layer(tmp_path, monkeypatch, capsys):
+    """A command line is accepted exactly when every MoE variant it trains holds an MoE layer in both
+    stacks (with clustering, one after the clustering layer), as layer_plan places them: `train --moe seq
+    --layers 1` or `demo --layers 3` (its Seq + clustering) is refused with a message, a dense model of one
+    layer is accepted."""
+    monkeypatch.chdir(tmp_path)  # the check creates --out
+    lines = [["train", "--moe", m, *extra] for m in toy.MOE_KINDS
+             for extra in ([], ["--token-cluster"], ["--reorder-layers"]) if not (m == "dense" and extra)]
+    lines += [["demo"], ["sweep", "--variants", "seq+cluster,dense"], ["sweep", "--variants", "gshard"]]
+    for line in lines:
+        for layers in range(1, 6):
+            argv = [*line, "--layers", str(layers)]
+            try:
+                args = toy.parse_args(argv)
+            except SystemExit:
+                err = capsys.readouterr().err
+                assert "would hold no MoE layer" in err or "--token-cluster needs --layers >= 4" in err, (argv, err)
+                accepted = False
+            else:
+                accepted = True
+            plans = {v.name: [toy.layer_plan(layers, v.moe, v.token_cluster, dec, v.reorder) for dec in (False, True)]
+                     for v in toy.variants(toy.build_parser().parse_args(argv))}
+            holds = all("moe" in plan[plan.index("cluster") + 1:] if "cluster" in plan else "moe" in plan
+                        for name, stacks in plans.items() if not name.startswith("dense") for plan in stacks)
+            assert accepted == holds, (argv, plans)
+    toy.parse_args(["train", "--moe", "dense", "--layers", "1"])
+
+
+def test_every_command_has_help_and_every_readme_command_parses(tmp_path, monkeypatch):
     """`--help` of the program and of every command exits 0 and names the command's own flags; every
     `python train_toy.py ...` and `torchrun ... train_toy.py ...` line in README.md parses."""
+    monkeypatch.chdir(tmp_path)  # parsing creates each command's --out
     for command, flag in [(None, "sweep"), ("demo", "--gbps-inter-node"), ("train", "--moe"), ("sweep", "--points"),
                           ("trace", "--moe"), ("bench", "--bench-tokens"), ("bench-assign", "--assign-tokens")]:
         proc = subprocess.run([sys.executable, "train_toy.py", *([command] if command else []), "--help"], cwd=HERE,
@@ -2162,8 +2353,8 @@ def test_sweep_runs_every_point_and_resumes(tmp_path):
     assert len(list((tmp_path / "runs").iterdir())) == 6
 
 
-def _timeout_worker(rank: int, port: int, report, release) -> None:
-    args = toy.parse_args(["--nproc", "2", "--timeout", "3"])
+def _timeout_worker(rank: int, port: int, report, release, out: str) -> None:
+    args = toy.parse_args(["--nproc", "2", "--timeout", "3", "--out", out])
     topo, _ = toy.init_distributed(args, rank, 2, port)
     if rank == 0:
         start = time.perf_counter()
@@ -2176,13 +2367,14 @@ def _timeout_worker(rank: int, port: int, report, release) -> None:
         release.wait(60)  # never joins the collective
 
 
-def test_a_collective_that_cannot_complete_fails_after_the_timeout():
+def test_a_collective_that_cannot_complete_fails_after_the_timeout(tmp_path):
     """With --timeout 3, an all-to-all that a rank never joins raises an error on the other rank after
     about the timeout, instead of hanging."""
     ctx = mp.get_context("spawn")
     report, release = ctx.Queue(), ctx.Event()
     port = _free_port()
-    procs = [ctx.Process(target=_timeout_worker, args=(r, port, report, release), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=_timeout_worker, args=(r, port, report, release, str(tmp_path)),
+                         daemon=True) for r in range(2)]
     for p in procs:
         p.start()
     outcome, elapsed = report.get(timeout=90)

@@ -21,13 +21,18 @@ ranks. Rank 0 prints one line every few steps and writes its results under --out
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import ctypes
+import hashlib
+import itertools
 import json
 import math
 import os
+import shutil
+import signal
 import socket
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -370,12 +375,6 @@ class Translator(nn.Module):
         return [m.ledger for m in self.modules() if isinstance(getattr(m, "ledger", None), sc.CommLedger)]
 
 
-def model_fingerprint(model: Translator) -> str:
-    """The model's settings as text (what shapes its parameters and training, not how it decodes): a
-    checkpoint resumes only into the same model."""
-    return repr(dataclasses.replace(model.cfg, decode_clustering=None))
-
-
 def expert_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters each rank holds alone (experts, clustering FFNs): never all-reduced."""
     return {id(p) for m in model.modules() if isinstance(m, sc.Experts) for p in m.parameters()}
@@ -507,8 +506,31 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * min(step / args.warmup, math.sqrt(args.warmup / step))
 
 
+# What a checkpoint can only be resumed with: every flag that changes the task, the model, the data order or
+# the optimizer (not --steps: the learning-rate schedule does not depend on it), besides the variant and the ranks
+FINGERPRINT_FLAGS = ("seed", "languages", "src_words", "train_pairs", "batch", "lr", "warmup", "label_smoothing",
+                     "dropout", "aux_weight", "d_model", "d_ffn", "layers", "experts", "capacity_factor", "ratio1",
+                     "ratio2", "feat_multiple")
+
+
+def fingerprint(args: argparse.Namespace, variant: Variant, world: int, ranks_per_node: int) -> dict:
+    """The run's settings a checkpoint records and --resume compares, keyed as the user sees them."""
+    a = vars(variant.apply(args))
+    return {"variant": variant.name, **{f"--{k.replace('_', '-')}": a[k] for k in FINGERPRINT_FLAGS},
+            "ranks": world, "--ranks-per-node": ranks_per_node}
+
+
 def ckpt_dir(args: argparse.Namespace, variant: Variant) -> str:
     return os.path.join(args.out, "ckpt", variant.name)
+
+
+def manifest_path(root: str, step: int) -> str:
+    return os.path.join(root, f"step{step:06d}.manifest.json")
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def atomic_save(obj, path: str) -> None:
@@ -519,8 +541,9 @@ def atomic_save(obj, path: str) -> None:
 
 
 def save_checkpoint(args, variant, model, opt_shared, opt_experts, state: RunState, topo: sc.Topology) -> None:
-    """Shared parameters and their optimizer once (rank 0), each rank's experts, optimizer and RNG
-    in its own file, in a directory per step; `latest` names the last complete one."""
+    """Shared parameters and their optimizer once (rank 0), each rank's experts, optimizer and RNG in its
+    own file, in a directory per step; then, last, rank 0 writes the step's manifest (the run's
+    fingerprint and every file's sha256). A step without its manifest was not completely saved."""
     root = ckpt_dir(args, variant)
     step_dir = os.path.join(root, f"step{state.step:06d}")
     os.makedirs(step_dir, exist_ok=True)
@@ -533,36 +556,55 @@ def save_checkpoint(args, variant, model, opt_shared, opt_experts, state: RunSta
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() and model.embed.weight.is_cuda else None,
     }
-    atomic_save(rank_state, os.path.join(step_dir, f"rank{topo.rank}.pt"))
-    if dist.is_initialized():
-        dist.barrier()  # every rank's file is on disk
+    mine = os.path.join(step_dir, f"rank{topo.rank}.pt")
+    atomic_save(rank_state, mine)
+    digests = dict(gather_objects((os.path.basename(mine), file_sha256(mine))))  # also: every rank's file is on disk
     if topo.rank == 0:
         shared = {n: p.detach().cpu() for n, p in model.named_parameters() if id(p) not in experts}
-        atomic_save({"step": state.step, "world_size": topo.world_size, "ranks_per_node": topo.ranks_per_node,
-                     "model": model_fingerprint(model), "shared": shared,
-                     "optimizer": opt_shared.state_dict(), "state": state.__dict__},
-                    os.path.join(step_dir, "shared.pt"))
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(step_dir))
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        atomic_save({"step": state.step, "shared": shared, "optimizer": opt_shared.state_dict(),
+                     "state": state.__dict__}, os.path.join(step_dir, "shared.pt"))
+        digests["shared.pt"] = file_sha256(os.path.join(step_dir, "shared.pt"))
+        manifest = {"step": state.step, "fingerprint": fingerprint(args, variant, topo.world_size, topo.ranks_per_node),
+                    "sha256": digests}
+        path = manifest_path(root, state.step)
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(f"{path}.tmp", path)
     if dist.is_initialized():
         dist.barrier()
 
 
-def load_checkpoint(args, variant, model, opt_shared, opt_experts, topo: sc.Topology) -> Optional[RunState]:
-    root = ckpt_dir(args, variant)
-    latest = os.path.join(root, "latest")
-    if not os.path.exists(latest):
-        return None
-    with open(latest) as f:
-        step_dir = os.path.join(root, f.read().strip())
+def newest_checkpoint(root: str) -> tuple[Optional[dict], list[str]]:
+    """The manifest of the newest complete step in `root` (its manifest there and every file matching its
+    sha256), with "dir" added; and why each newer step was skipped."""
+    steps = sorted({int(name[4:10]) for name in (os.listdir(root) if os.path.isdir(root) else [])
+                    if name.startswith("step") and name[4:10].isdigit()}, reverse=True)
+    skipped = []
+    for step in steps:
+        path, step_dir = manifest_path(root, step), os.path.join(root, f"step{step:06d}")
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            skipped.append(f"{step_dir}: no manifest {path} (its save did not finish)")
+            continue
+        except ValueError:
+            skipped.append(f"{step_dir}: its manifest {path} is not valid JSON")
+            continue
+        bad = [name for name, digest in manifest["sha256"].items()
+               if not os.path.isfile(os.path.join(step_dir, name)) or file_sha256(os.path.join(step_dir, name)) != digest]
+        if bad:
+            skipped.append(f"{step_dir}: {', '.join(os.path.join(step_dir, n) for n in bad)} missing or not matching "
+                           f"its sha256 in {path}")
+            continue
+        return {**manifest, "dir": step_dir}, skipped
+    return None, skipped
+
+
+def load_checkpoint(step_dir: str, model, opt_shared, opt_experts, topo: sc.Topology) -> RunState:
+    """Restore a step that the launcher chose and verified (newest_checkpoint, check_checkpoints)."""
     shared = torch.load(os.path.join(step_dir, "shared.pt"), weights_only=True)
     mine = torch.load(os.path.join(step_dir, f"rank{topo.rank}.pt"), weights_only=True)
-    run = {"world_size": topo.world_size, "ranks_per_node": topo.ranks_per_node, "model": model_fingerprint(model)}
-    if {key: shared[key] for key in run} != run or shared["step"] != mine["step"]:
-        raise ValueError(f"checkpoint {step_dir} does not match this run (world size, ranks per node, model "
-                         f"settings: {({key: shared[key] for key in run})} against {run}); resume with the settings "
-                         f"that wrote it, or use another --out")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in {**shared["shared"], **mine["experts"]}.items():
@@ -658,7 +700,8 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     opt_shared = torch.optim.Adam(shared_params, **adam)
     # (a dense model has no experts: Adam then holds a placeholder that never gets a gradient)
     opt_experts = torch.optim.Adam(expert_params or [torch.zeros(1, requires_grad=True)], **adam)
-    state = load_checkpoint(args, variant, model, opt_shared, opt_experts, topo) if args.resume else None
+    step_dir = args.resume_from.get(ckpt_dir(args, variant))  # chosen and verified before any process started
+    state = load_checkpoint(step_dir, model, opt_shared, opt_experts, topo) if step_dir else None
     if state is not None:  # the checkpoint restored the RNG too
         print0(f"[{variant.name}] resumed from step {state.step}")
     else:
@@ -669,9 +712,9 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     print0(f"[{variant.name}] {n_params / 1e6:.2f}M parameters, {topo.world_size} ranks "
            f"({topo.num_nodes} node(s) x {topo.ranks_per_node}), {args.experts} experts, "
            f"layers: enc {' '.join(model.encoder.plan)} | dec {' '.join(model.decoder.plan)}")
-    started, first_step = time.perf_counter(), state.step
+    started, first_step, saved = time.perf_counter(), state.step, state.step if step_dir else None
     while state.step < args.steps:
-        inject_fault(args, state.step, topo)
+        inject_fault(args, state.step, topo, model)
         batch = train_batch(task, state.step, topo.rank, topo.world_size, args.batch // topo.world_size, args.seed)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -704,23 +747,37 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
                                                 for r in range(topo.world_size)])
         for ledger in model.ledgers():
             ledger.reset()
-        stats = torch.stack([ce.detach(), aux.detach(), (assigned - accepted).to(ce.dtype), assigned.to(ce.dtype)])
+        # a finite loss can still have non-finite gradients, which leave non-finite weights
+        bad_grads = torch.stack([~p.grad.isfinite().all() for p in model.parameters() if p.grad is not None]).sum()
+        stats = torch.stack([ce.detach(), aux.detach(), (assigned - accepted).to(ce.dtype), assigned.to(ce.dtype),
+                             bad_grads.to(ce.dtype)])
         totals = all_sum(torch.cat([stats.double(), torch.tensor(sent, dtype=torch.float64, device=device)]))
+        if not (math.isfinite(totals[0]) and math.isfinite(totals[1])) or totals[4]:  # global sums: all ranks agree
+            what = (f"the loss is not finite ({totals[0] / n_global:g})" if not math.isfinite(totals[0]) else
+                    f"the aux loss is not finite ({totals[1]:g})" if not math.isfinite(totals[1]) else
+                    f"the gradients of {totals[4]:g} parameter tensors are not finite")
+            print0(f"[{variant.name}] step {state.step + 1}: {what}; stopped without saving; " +
+                   (f"the newest checkpoint is step {saved}, in {ckpt_dir(args, variant)}" if saved is not None
+                    else "no checkpoint was saved"))
+            if dist.is_initialized():
+                dist.barrier()  # rank 0 has spoken before any rank exits
+            raise SystemExit(STOPPED)
         state.losses.append(totals[0] / n_global)
         state.auxes.append(totals[1] / topo.world_size)
-        for link, b in zip(sc.LINK_CLASSES, totals[4:]):
+        for link, b in zip(sc.LINK_CLASSES, totals[5:]):
             state.bytes[link] += int(b)
         state.step += 1
         if state.step % args.log_every == 0 or state.step == args.steps:
             median = statistics.median(state.step_times[-args.log_every:])
             eta = (args.steps - state.step) * median
-            mb = " ".join(f"{short} {b / 1e6:.2f}" for short, b in zip(("device", "node", "inter"), totals[4:]))
+            mb = " ".join(f"{short} {b / 1e6:.2f}" for short, b in zip(("device", "node", "inter"), totals[5:]))
             print0(f"[{variant.name}] step {state.step}/{args.steps} | loss {state.losses[-1]:.3f} | "
                    f"aux {state.auxes[-1]:.3f} | {n_global / median:,.0f} tgt tok/s | "
                    f"dropped {100 * totals[2] / max(totals[3], 1):.1f}% | MB/step {mb} | ETA {eta:.0f}s "
                    f"({state.step - first_step} steps this run)")
         if args.ckpt_every and state.step % args.ckpt_every == 0:
             save_checkpoint(args, variant, model, opt_shared, opt_experts, state, topo)
+            saved = state.step
         if args.eval_every and state.step % args.eval_every == 0 and state.step < args.steps:
             scores = evaluate(model, task, topo, device, args.eval_sentences)
             state.evals.append({"step": state.step, **{k: scores.get(k) for k in ("bleu", "valid_loss")}})
@@ -780,11 +837,19 @@ def try_pyplot():
 
 
 def report(results: list[dict], args: argparse.Namespace, topo: sc.Topology) -> None:
-    """Print the table and the rank-by-rank traffic of one step; write results.json (and results.png)."""
+    """Print the table and the rank-by-rank traffic of one step; write results-NNNN.json, the next free
+    number (an earlier run's results are kept), its copy results.json (the newest), and results.png."""
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+    for n in itertools.count(1):
+        path = os.path.join(args.out, f"results-{n:04d}.json")
+        try:
+            with open(path, "x") as f:  # "x": never another run's file, even written at the same moment
+                json.dump(results, f, indent=1)
+            break
+        except FileExistsError:
+            continue
+    shutil.copyfile(path, os.path.join(args.out, "results.json.tmp"))
+    os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
     G, W = topo.ranks_per_node, topo.world_size
     for r in results:
         r["cluster_step_s"] = cluster_step_time(r["step_time_s"], r["byte_matrix"], G, args.gbps_intra_node,
@@ -811,7 +876,7 @@ def report(results: list[dict], args: argparse.Namespace, topo: sc.Topology) -> 
             print("   " + " ".join(cells))
             if (src + 1) % G == 0 and src + 1 < W:
                 print("   " + "-" * (7 * W + 2 * (W // G - 1)))
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path} and its copy {os.path.join(args.out, 'results.json')}")
     plt = try_pyplot()
     if plt is None:
         print("for the pictures: pip install matplotlib, then run again")
@@ -1179,6 +1244,7 @@ def bench_assign(args: argparse.Namespace) -> None:
 # Command line and launch
 
 COMMANDS = ("demo", "train", "sweep", "trace", "bench", "bench-assign")
+STOPPED = 3  # the exit status of a run that stopped itself (a non-finite loss) after saying why
 MOE_KINDS = ("dense", "gshard", "seq", "feat", "node-limited")
 SWEEP_VARIANTS = ("dense", "gshard", "node-limited", "seq", "seq+cluster", "feat")
 
@@ -1217,7 +1283,9 @@ def _flags_moe() -> argparse.ArgumentParser:
 def _flags_training() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model and training")
-    g.add_argument("--layers", type=int, default=6, help="encoder layers and decoder layers (MoE in every other)")
+    g.add_argument("--layers", type=int, default=6,
+                   help="encoder layers and decoder layers (MoE in every other: an MoE variant needs >= 2, "
+                        "with clustering >= 4)")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout")
     g.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss")
     g.add_argument("--cluster-gate", default="softmax", choices=["softmax", "sigmoid"],
@@ -1237,8 +1305,17 @@ def _flags_training() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=0, help="also evaluate every this many steps (0: at the end)")
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     g.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints (0: none)")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out, if any")
-    g.add_argument("--out", default="out", help="folder for results, plots and checkpoints")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in --out (refused if there is none, or if it "
+                        "was written with other settings)")
+    g.add_argument("--resume-or-start", action="store_true",
+                   help="as --resume, but start afresh when there is no complete checkpoint (torchrun restarts)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints already in --out of the variants this run trains, and start afresh "
+                        "(without it a fresh run into a folder with checkpoints is refused)")
+    g.add_argument("--out", default="out",
+                   help="folder for results, plots and checkpoints; each run adds results-NNNN.json and copies it "
+                        "to results.json (the newest)")
     return p
 
 
@@ -1280,7 +1357,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "4 + 4 layers, a short budget that fits 5 minutes on 2 cores), then compare "
                                       "quality, bytes per link, each rank's traffic, and the step time predicted "
                                       "on a stated cluster.")
-    demo.set_defaults(steps=200, languages=4, train_pairs=4000, layers=4, fail_at_step=None)
+    demo.set_defaults(steps=200, languages=4, train_pairs=4000, layers=4, fail_at_step=None, nan_at_step=None)
 
     train = sub.add_parser("train", parents=[task(), moe(), training(), cost(), procs()], formatter_class=fmt,
                            help="train one variant", description="Train one variant and evaluate it.")
@@ -1291,6 +1368,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the clustering layer order (attention first, MoE FFNs last) without clustering")
     g.add_argument("--fail-at-step", type=int, default=None,
                    help="testing restarts: rank 1 exits at this step on the first attempt (torchrun restarts it)")
+    g.add_argument("--nan-at-step", type=int, default=None,
+                   help="testing: this step's loss is made not finite (the run must stop there, exit 3)")
 
     sweep = sub.add_parser("sweep", parents=[task(), moe(), training(), procs()], formatter_class=fmt,
                            help="quality against inter-node bytes: variants x locality points x seeds",
@@ -1303,7 +1382,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ratio1:ratio2 pairs of Seq, Seq + clustering and Feat, comma-separated")
     g.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     g.add_argument("--report-only", action="store_true", help="write the table and picture of the runs done so far")
-    sweep.set_defaults(out="sweep", eval_every=200, fail_at_step=None)
+    sweep.set_defaults(out="sweep", eval_every=200, fail_at_step=None, nan_at_step=None)
 
     trace = sub.add_parser("trace", parents=[moe(), procs()], formatter_class=fmt,
                            help="each token's tier, experts and ranks in one MoE layer; bytes per link")
@@ -1398,8 +1477,6 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
                     f"--aux-weight >= 0 (got {args.aux_weight})")
         if not 0 <= args.label_smoothing < 1:
             p.error(f"--label-smoothing {args.label_smoothing}: must lie in [0, 1)")
-        if args.layers < 2:
-            p.error(f"--layers {args.layers}: MoE sits in every other layer; need at least 2")
     if args.command == "train":
         if args.reorder_layers and args.moe == "dense":
             p.error("--reorder-layers needs an MoE variant (--moe gshard|seq|feat|node-limited)")
@@ -1412,6 +1489,8 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
                 "only the differentiable sort trains the clustering router)")
     try:
         for variant in variants(args, p):
+            if "steps" in a:
+                check_plan(args, variant, p)
             cfg = moe_config(variant.apply(args))
             if variant.moe == "feat" or args.command == "bench":
                 sc.feat_widths(cfg, world // rpn)
@@ -1423,6 +1502,78 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         p.error("--backend nccl needs CUDA tensors: add --device cuda and launch with torchrun")
     if args.device == "cuda" and "RANK" not in os.environ and args.nproc > 1:
         p.error("--device cuda with several processes: launch with torchrun (spawned processes run on the CPU)")
+    if "out" in a:  # last: a command line refused above creates no folder
+        check_writable(args.out, "--out", p)
+        if a.get("ckpt_every"):
+            check_writable(os.path.join(args.out, "ckpt"), f"--ckpt-every {args.ckpt_every}: the checkpoint folder", p)
+    if "resume" in a:
+        check_checkpoints(args, p)
+
+
+def check_plan(args: argparse.Namespace, variant: Variant, p: argparse.ArgumentParser) -> None:
+    """An MoE variant must hold an MoE layer (with clustering: one after the clustering layer), as
+    layer_plan places them; otherwise it would train a model other than the one it names."""
+    def has_moe(layers: int) -> bool:
+        return all("moe" in layer_plan(layers, variant.moe, variant.token_cluster, decoder, variant.reorder)
+                   for decoder in (False, True))
+    if variant.moe != "dense" and not has_moe(args.layers):
+        need = next(n for n in range(1, 64) if has_moe(n))
+        after = " after its clustering layer" if variant.token_cluster else ""
+        p.error(f"--layers {args.layers}: {variant.name} would hold no MoE layer{after} (MoE sits in every other "
+                f"layer); use --layers >= {need}")
+
+
+def check_checkpoints(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Before any process starts, for every run this command trains: without --resume, refuse a folder that
+    already holds checkpoints (unless --overwrite); with it, find the newest complete step (skipping, with
+    a message, a step without its manifest or with a file that fails its sha256), refuse it if it was
+    written with other settings or beyond --steps, and record it in args.resume_from for the workers."""
+    resume = args.resume or args.resume_or_start
+    if resume and args.overwrite:
+        p.error("--overwrite deletes the checkpoints that --resume would continue from: pass one of them")
+    world, rpn = world_and_rpn(args)
+    say = os.environ.get("RANK", "0") == "0"  # under torchrun every rank checks; one speaks
+    args.resume_from = {}
+    for run_args, variant in checkpoint_runs(args):
+        root = ckpt_dir(run_args, variant)
+        if not resume:
+            if not args.overwrite and os.path.isdir(root) and any(n.startswith("step") for n in os.listdir(root)):
+                p.error(f"{root} holds checkpoints of an earlier run: add --resume to continue it, or --overwrite "
+                        f"to delete them and start afresh")
+            continue
+        found, skipped = newest_checkpoint(root)
+        for why in skipped if say else []:
+            print(f"--resume: skipping {why}", file=sys.stderr, flush=True)
+        if found is None:
+            if not args.resume_or_start:
+                p.error(f"--resume: no complete checkpoint in {root}; use --resume-or-start to start afresh when "
+                        f"there is none")
+            if say:
+                print(f"--resume-or-start: no complete checkpoint in {root}: starting afresh", file=sys.stderr)
+            continue
+        now, then = fingerprint(run_args, variant, world, rpn), found["fingerprint"]
+        if diff := [f"{k} {v} (checkpoint: {then.get(k)})" for k, v in now.items() if then.get(k) != v]:
+            p.error(f"--resume: {manifest_path(root, found['step'])} was written with other settings: "
+                    f"{', '.join(diff)}; pass the checkpoint's values, or use another --out")
+        if args.steps < found["step"]:
+            p.error(f"--steps {args.steps} is below the checkpoint's step {found['step']} ({found['dir']}): "
+                    f"use --steps >= {found['step']}")
+        args.resume_from[root] = found["dir"]
+
+
+def check_writable(folder: str, what: str, p: argparse.ArgumentParser) -> None:
+    """Create `folder` and prove it writable (write and remove a probe file): a run must not fail at
+    its first save, after hours of training."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        p.error(f"{what} {folder} is a file, not a folder: choose another --out")
+    probe = os.path.join(folder, f".write-probe-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as e:
+        p.error(f"{what} {folder} cannot be created or written ({e.strerror}): choose another --out")
 
 
 def parse_points(text: str, p: argparse.ArgumentParser) -> list[tuple[float, float]]:
@@ -1466,6 +1617,20 @@ def run_file(args: argparse.Namespace, variant: Variant, seed: int) -> str:
     return os.path.join(args.out, "runs", f"{variant.name}_seed{seed}.json")
 
 
+def sweep_run_args(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    """One seed of the sweep: its own checkpoint folder."""
+    return argparse.Namespace(**{**vars(args), "seed": seed, "out": os.path.join(args.out, "ckpt", f"seed{seed}")})
+
+
+def checkpoint_runs(args: argparse.Namespace) -> list[tuple[argparse.Namespace, Variant]]:
+    """(arguments, variant) of every training run this command will do; its checkpoints are in ckpt_dir."""
+    if args.command == "sweep":
+        return [] if args.report_only else [
+            (sweep_run_args(args, seed), v) for seed in sweep_seeds(args) for v in variants(args)
+            if not os.path.exists(run_file(args, v, seed))]
+    return [(args, v) for v in variants(args)] if args.command in ("train", "demo") else []
+
+
 def run(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> None:
     if args.command == "trace":
         return trace(args, topo, device)
@@ -1477,8 +1642,7 @@ def run(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> No
         if dist.is_initialized():
             dist.barrier()
         for variant, seed in todo:
-            run_args = argparse.Namespace(**{**vars(args), "seed": seed,
-                                             "out": os.path.join(args.out, "ckpt", f"seed{seed}")})
+            run_args = sweep_run_args(args, seed)
             result = train_variant(run_args, variant, make_task(task_config(run_args)), topo, device)
             if topo.rank == 0:
                 os.makedirs(os.path.dirname(run_file(args, variant, seed)), exist_ok=True)
@@ -1532,15 +1696,40 @@ def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Opti
     return sc.build_topology(rpn), device
 
 
-def inject_fault(args: argparse.Namespace, step: int, topo: sc.Topology) -> None:
-    """`train --fail-at-step S`, for testing restarts: rank 1 exits at step S on torchrun's first attempt."""
+def inject_fault(args: argparse.Namespace, step: int, topo: sc.Topology, model: nn.Module) -> None:
+    """The testing hooks of `train`, before the step after `step` steps. --fail-at-step S (restarts): rank 1
+    exits at step S on torchrun's first attempt. --nan-at-step S: the last rank's final decoder LayerNorm
+    becomes NaN (after every MoE and clustering layer), so that the S-th step's loss (the log's "step S") is
+    not finite."""
+    if args.nan_at_step == step + 1 and topo.rank == topo.world_size - 1:
+        with torch.no_grad():
+            model.decoder.norm.weight.fill_(float("nan"))
     if args.fail_at_step == step and topo.rank == min(1, topo.world_size - 1) \
             and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
         print(f"rank {topo.rank}: exiting at step {step} (--fail-at-step)", flush=True)
         os._exit(1)
 
 
-def _worker(rank: int, args: argparse.Namespace, world: int, port: Optional[int]) -> None:
+def die_with_launcher(launcher: int) -> None:
+    """A spawned rank ends when its launcher dies, however it dies (SIGKILL included). torch's own
+    parent-death signal is SIGINT, which a launcher started with SIGINT ignored (a background job of a
+    script) passes on ignored: so SIGKILL from the kernel on Linux, a thread watching the parent elsewhere."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    else:
+        def watch() -> None:
+            while os.getppid() == launcher:
+                time.sleep(0.5)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != launcher:  # it died before the lines above
+        os._exit(1)
+
+
+def _worker(rank: int, args: argparse.Namespace, world: int, port: Optional[int],
+            launcher: Optional[int] = None) -> None:
+    if launcher is not None:
+        die_with_launcher(launcher)
     topo, device = init_distributed(args, rank, world, port)
     try:
         run(args, topo, device)
@@ -1551,6 +1740,12 @@ def _worker(rank: int, args: argparse.Namespace, world: int, port: Optional[int]
 
 def launch(args: argparse.Namespace) -> None:
     """Under torchrun: this process is one rank. Otherwise spawn --nproc CPU ranks on a free local port."""
+    if vars(args).get("overwrite") and os.environ.get("RANK", "0") == "0":  # before any rank can save
+        for root in [ckpt_dir(*run) for run in checkpoint_runs(args) if os.path.isdir(ckpt_dir(*run))]:
+            try:
+                shutil.rmtree(root)
+            except OSError as e:  # left in place, its steps would mix with this run's
+                sys.exit(f"--overwrite: cannot delete {root} ({e.strerror}): delete it yourself, or use another --out")
     if "RANK" in os.environ:
         _worker(int(os.environ["RANK"]), args, int(os.environ["WORLD_SIZE"]), None)
     elif args.nproc == 1:
@@ -1559,7 +1754,12 @@ def launch(args: argparse.Namespace) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_worker, args=(args, args.nproc, port), nprocs=args.nproc, join=True)
+        try:
+            mp.spawn(_worker, args=(args, args.nproc, port, os.getpid()), nprocs=args.nproc, join=True)
+        except mp.ProcessExitedException as e:  # a rank stopped the run (it said why) or was killed
+            if e.exit_code != STOPPED:
+                print(f"train_toy.py: {e}", file=sys.stderr)
+            sys.exit(e.exit_code if e.exit_code > 0 else 1)
 
 
 if __name__ == "__main__":
