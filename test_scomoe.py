@@ -550,6 +550,23 @@ def test_all_to_all_single_rank_returns_input():
 # 3. Gating
 
 
+def assert_routing_is(routing, reference, capacity: int) -> None:
+    """The gate's experts, kept set, weights and aux loss are the reference's, and each expert's kept
+    assignments occupy slots 0 .. load-1, once each, load being what the gate reports."""
+    picks, kept, weights, aux = reference
+    t, experts = len(picks), routing.load.shape[0]
+    assert routing.expert.tolist() == picks
+    assert routing.kept.tolist() == kept
+    for i in range(t):
+        for c in range(min(2, experts)):
+            expect = weights[i][c] if kept[i][c] else 0.0
+            assert_close(routing.weight[i, c], torch.as_tensor(expect, dtype=torch.float64))
+    assert_close(routing.aux_loss, aux)
+    for e in range(experts):
+        slots = sorted(routing.slot[routing.kept & (routing.expert == e)].tolist())
+        assert slots == list(range(len(slots))) and len(slots) <= capacity and routing.load[e] == len(slots)
+
+
 @pytest.mark.parametrize("capacity", [1, 2, 3, 100])
 @pytest.mark.parametrize("normalize_before_drop", [False, True])
 @pytest.mark.parametrize("experts", [1, 2, 5])
@@ -561,19 +578,7 @@ def test_top2_gating_is_gshard_algorithm_2(capacity, normalize_before_drop, expe
     logits = torch.randn(t, experts, dtype=torch.float64)
     pad = torch.rand(t) < 0.25
     routing = sc.top2_gating(logits, capacity, pad, normalize_before_drop=normalize_before_drop)
-    picks, kept, weights, aux = naive_top2(logits, capacity, pad, normalize_before_drop)
-    assert routing.expert.tolist() == picks
-    assert routing.kept.tolist() == kept
-    for i in range(t):
-        for c in range(min(2, experts)):
-            expect = weights[i][c] if kept[i][c] else 0.0
-            assert_close(routing.weight[i, c], torch.as_tensor(expect, dtype=torch.float64))
-    assert_close(routing.aux_loss, aux)
-    # slots: each expert's kept tokens occupy 0 .. load-1, once each
-    for e in range(experts):
-        slots = sorted(routing.slot[routing.kept & (routing.expert == e)].tolist())
-        assert slots == list(range(len(slots))) and len(slots) <= capacity
-        assert routing.load[e] == len(slots)
+    assert_routing_is(routing, naive_top2(logits, capacity, pad, normalize_before_drop), capacity)
     assigned = sum(1 for i in range(t) if not pad[i]) * min(2, experts)
     assert_close(routing.dropped, torch.tensor(1 - routing.kept.sum().item() / assigned, dtype=routing.dropped.dtype))
 
@@ -690,17 +695,7 @@ def test_batch_prioritized_gating_is_the_reference(capacity, experts):
     logits = torch.randn(t, experts, dtype=torch.float64)
     pad = torch.rand(t) < 0.25
     routing = sc.top2_gating(logits, capacity, pad, batch_prioritized=True)
-    picks, kept, weights, aux = naive_top2(logits, capacity, pad, batch_prioritized=True)
-    assert routing.expert.tolist() == picks
-    assert routing.kept.tolist() == kept
-    for i in range(t):
-        for c in range(min(2, experts)):
-            expect = weights[i][c] if kept[i][c] else 0.0
-            assert_close(routing.weight[i, c], torch.as_tensor(expect, dtype=torch.float64))
-    assert_close(routing.aux_loss, aux)
-    for e in range(experts):  # each expert's kept assignments occupy slots 0 .. load-1, once each
-        slots = sorted(routing.slot[routing.kept & (routing.expert == e)].tolist())
-        assert slots == list(range(len(slots))) and len(slots) <= capacity
+    assert_routing_is(routing, naive_top2(logits, capacity, pad, batch_prioritized=True), capacity)
 
 
 def test_batch_prioritized_orders_second_choices_by_the_first_gate():
