@@ -1,9 +1,8 @@
 """SCoMoE: mixtures of experts with structured all-to-all communication.
 
 A reference implementation of Zeng and Xiong, "SCoMoE: Efficient Mixtures of Experts with Structured Communication"
-(ICLR 2023), in one file, to be read beside the paper; NOTES.md maps every element of the method to the code below
-and records each choice the paper leaves open (the why of most docstrings here). Sections: the machinery and the
-configuration, then the method in the order of the paper, then the algorithm behind its balanced router.
+(ICLR 2023), in one file, to be read beside the paper; NOTES.md maps the method to the code and records each choice the
+paper leaves open (the why of most docstrings here). Sections: the machinery, then the paper's order, then the auction:
   1. Topology and process groups      ranks, nodes, and the local/node/world groups
   2. All-to-all with a link ledger    a differentiable collective that counts bytes per link class
   3. Configuration                    one dataclass, validated before any collective runs
@@ -16,9 +15,7 @@ configuration, then the method in the order of the paper, then the algorithm beh
   Appendix. The balanced assignment   the auction algorithm behind the balanced router (its proofs: NOTES.md)
 
 What is simplified: experts are plain two-layer FFNs run as one batched matmul; there is no expert or data parallelism
-beyond what SCoMoE needs (shared parameters are replicated and their gradients are the caller's to all-reduce);
-capacity is the same for every rank of a group (from the group's largest token count, as fairseq gets by padding every
-rank to the largest).
+beyond what SCoMoE needs (shared parameters are replicated; all-reducing their gradients is the caller's job).
 
 Shape letters used in comments:
   t  tokens on this rank (a batch, flattened)    d  model width (or a Feat slice of it)
@@ -46,14 +43,6 @@ from torch import Tensor, nn
 LINK_CLASSES = ("intra_device", "intra_node", "inter_node")
 TIERS = ("local", "node", "global")
 Splits = Optional[list[int]]  # rows to or from each member of a group; None: an even split
-
-def _floor(x: float) -> int:
-    """floor(x) with float noise removed: 0.29 * 100 = 28.999999999999996 counts as 29."""
-    return math.floor(round(x, 9))
-
-def _ceil(x: float) -> int:
-    """ceil(x) with float noise removed: 1.1 * 2 * 100 / 4 = 55.00000000000001 counts as 55."""
-    return math.ceil(round(x, 9))
 
 # --- 1. Topology and process groups (paper: "Topology") ---------------------------------------------------------------
 
@@ -85,8 +74,7 @@ class CommGroup:
             dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=self.group)
 
 class LocalCopyGroup(CommGroup):
-    """A group whose all-to-all sends nothing, the rows staying here in a tensor of the received shape, for timing
-    compute alone (Topology.with_local_copies): chosen once, so that the collective's path has no branch for it."""
+    """An all-to-all that sends nothing, the rows staying here in the received shape (Topology.with_local_copies)."""
     local_copy: ClassVar[bool] = True
 
     def exchange(self, out: Tensor, x: Tensor, send: Splits, recv: Splits) -> None:
@@ -146,8 +134,7 @@ def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
     node; pass it to emulate nodes on one host (4 processes, ranks_per_node=2: 2 nodes of 2). Without torch.distributed:
     a world of one. Every rank calls this, in one order relative to other group creation: each creates every group."""
     initialised = dist.is_available() and dist.is_initialized()
-    world_size = dist.get_world_size() if initialised else 1
-    rank = dist.get_rank() if initialised else 0
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if initialised else (1, 0)
     if ranks_per_node is None:
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if initialised else 1
     if not isinstance(ranks_per_node, int) or ranks_per_node < 1:
@@ -160,27 +147,22 @@ def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
     nodes = [list(range(n * G, (n + 1) * G)) for n in range(N)]  # the ranks of each node
     slots = [list(range(s, world_size, G)) for s in range(G)]  # the ranks at each local slot, one per node
 
-    def own_group(sets: list[list[int]], mine: int) -> Optional[dist.ProcessGroup]:
+    def comm_group(name: str, sets: list[list[int]], mine: int) -> CommGroup:
         """Every rank creates every group of `sets`, in order, and keeps its own (the world's if it is the world)."""
-        if not initialised or len(sets[0]) == 1:
-            return None
-        return dist.group.WORLD if len(sets) == 1 else [dist.new_group(ranks) for ranks in sets][mine]
-
-    def comm_group(name: str, ranks: list[int], group) -> CommGroup:
+        ranks = sets[mine]
+        group = None if not initialised or len(ranks) == 1 else (
+            dist.group.WORLD if len(sets) == 1 else [dist.new_group(members) for members in sets][mine])
         return CommGroup(name, tuple(ranks), group, tuple(link_class(rank, r, G) for r in ranks))
-    node_group, peer_group = own_group(nodes, node_rank), own_group(slots, local_rank)  # in this order on every rank
+    node, peers = comm_group("node", nodes, node_rank), comm_group("peers", slots, local_rank)  # one order, every rank
     host_group = None if world_size == 1 else (  # a gloo group for host integers, whatever the backend
         dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
-    return Topology(rank, world_size, G, N, node_rank, local_rank, comm_group("local", [rank], None),
-                    comm_group("node", nodes[node_rank], node_group),
-                    comm_group("world", list(range(world_size)), dist.group.WORLD if world_size > 1 else None),
-                    comm_group("peers", slots[local_rank], peer_group), host_group)
+    return Topology(rank, world_size, G, N, node_rank, local_rank, comm_group("local", [[rank]], 0), node,
+                    comm_group("world", [list(range(world_size))], 0), peers, host_group)
 
 # --- 2. All-to-all with a link ledger (paper: "The problem") ----------------------------------------------------------
 
 class CommLedger:
-    """Bytes this rank handed to each link class, by tag (e.g. the tier), direction ("forward" or "backward") and link:
-    plain data that a caller reads and resets (each MoE layer owns one); the library never prints it."""
+    """Bytes this rank handed to each link class by (tag, direction, link): plain data a caller reads and resets."""
 
     def __init__(self) -> None:
         self.bytes: dict[tuple[str, str, str], int] = {}  # (tag, direction, link) -> bytes
@@ -258,8 +240,7 @@ class MoEConfig:
     normalize_before_drop: bool = False  # True: GShard's paper; False: fairseq (kept weights renormalised)
     activation: str = "relu"  # expert FFN activation: "relu" or "gelu"
     feat_multiple: int = 8  # Feat slice widths are rounded down to a multiple of this (aligned GEMMs); 1: exact
-    # the authors' (fairseq's) options: slots by first-choice gate value (they train with it), ceil(fraction * tokens)
-    # slots in eval mode (they evaluate with 0.5), a local tier that never drops a token: top2_gating, _MoELayer._tier
+    # the authors' (fairseq's) options, off by default (NOTES.md, section 2): used by top2_gating and _MoELayer._tier
     batch_prioritized_routing: bool = False
     eval_capacity_token_fraction: Optional[float] = None  # None: the training formula at eval time too
     local_no_capacity: bool = False
@@ -313,7 +294,7 @@ class Routing(NamedTuple):
 
 def expert_capacity(tokens: int, experts: int, k: int, capacity_factor: float) -> int:
     """Buffer slots per expert: C = ceil(capacity_factor * k * tokens / experts) (k = 2, factor 1: GShard's 2S/E)."""
-    return _ceil(capacity_factor * k * tokens / experts)
+    return math.ceil(round(capacity_factor * k * tokens / experts, 9))  # float noise dropped: 55.00000000000001 is 55
 
 def inverse_permutation(order: Tensor) -> Tensor:
     """The positions p with order[p] = i, i.e. xs == xs[order][inverse_permutation(order)]: (m,) -> (m,)."""
@@ -350,22 +331,20 @@ def _load_balancing_loss(gates: Tensor, first: Tensor, real: Tensor) -> Tensor:
 def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None, *,
                 second_expert: str = "argmax", normalize_before_drop: bool = False,
                 generator: Optional[torch.Generator] = None, batch_prioritized: bool = False) -> Routing:
-    """GShard's top-2 gating (Algorithm 2) as fairseq's top2gate does it, over logits (t, e) (k = 1 if e = 1); padding
-    (pad_mask (t,)) takes no slot, gets weight 0 and no part in the aux loss. The options are MoEConfig's."""
+    """GShard's top-2 gating (Algorithm 2) as fairseq's top2gate, logits (t, e), pad_mask (t,): NOTES.md, section 2."""
     (t, e), device = logits.shape, logits.device
     k = min(2, e)
     real = torch.ones(t, dtype=torch.bool, device=device) if pad_mask is None else ~pad_mask
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in float32 at least
     gates = logits.softmax(dim=-1)  # (t, e)   g = softmax(x W_g)
     first = gates.argmax(dim=-1)  # (t,)
+    expert = first[:, None]  # (t, 1)
     if k == 2:
         others = logits.scatter(1, first[:, None], float("-inf"))  # (t, e): the first choice removed
         if second_expert == "sampling":  # fairseq's policy: Gumbel noise on the logits
             uniform = torch.rand(others.shape, generator=generator, device=device, dtype=others.dtype)
             others = others - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
         expert = torch.stack([first, others.argmax(dim=-1)], dim=1)  # (t, k)
-    else:
-        expert = first[:, None]  # (t, 1)
     # batch-prioritized: within each choice, slots by descending first-choice gate value (ties: token order)
     priority = (gates.gather(1, first[:, None]).squeeze(1).sort(descending=True, stable=True).indices
                 if batch_prioritized else None)  # (t,)
@@ -406,14 +385,12 @@ class _GatherRows(torch.autograd.Function):
 
 def dispatch(x: Tensor, routing: Routing, num_experts: int) -> Tensor:
     """Each expert's tokens in its capacity buffer: (t, d) -> (e, c, d); `combine` never reads an empty slot."""
-    k, c = routing.expert.shape[1], routing.capacity
-    token = routing.source.div(k, rounding_mode="floor")  # (e*c,): the token in each slot; -1 if empty
-    return _GatherRows.apply(x, token, routing.place).view(num_experts, c, x.shape[1])  # (e, c, d)
+    token = routing.source.div(routing.expert.shape[1], rounding_mode="floor")  # (e*c,): each slot's token; -1 if empty
+    return _GatherRows.apply(x, token, routing.place).view(num_experts, routing.capacity, x.shape[1])  # (e, c, d)
 
 def combine(expert_out: Tensor, routing: Routing) -> Tensor:
     """y_t = sum_i w_ti * FFN_{e_ti}(x_t) (w = 0 where dropped): (e, c, d) -> (t, d)."""
-    e, c, d = expert_out.shape
-    t, k = routing.expert.shape
+    (e, c, d), (t, k) = expert_out.shape, routing.expert.shape
     picked = _GatherRows.apply(expert_out.reshape(e * c, d), routing.place.reshape(-1), routing.source[:, None])
     return (routing.weight.to(picked.dtype)[..., None] * picked.view(t, k, d)).sum(dim=1)  # (t, d)
 
@@ -429,8 +406,7 @@ class Experts(nn.Module):
         self.w2, self.b2 = nn.Parameter(torch.empty(n, d_ffn, d_model)), nn.Parameter(torch.empty(n, 1, d_model))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        # as nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
+    def reset_parameters(self) -> None:  # as nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), weights and biases
         for p, fan_in in zip((self.w1, self.b1, self.w2, self.b2), (self.d_model,) * 2 + (self.d_ffn,) * 2):
             nn.init.uniform_(p, -fan_in**-0.5, fan_in**-0.5)
 
@@ -461,12 +437,10 @@ def send_to_experts(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], tier:
                     cfg: MoEConfig) -> tuple[Routing, Tensor]:
     """Gate x (t, d) over the e = g * n experts of the tier's g members (logits (t, e); one capacity on every member),
     dispatch, and send: the routing, and this rank's expert input (n, g * c, d), its slots from every member."""
-    d, g = x.shape[1], tier.group.size
-    n = logits.shape[1] // g
-    routing = top2_gating(logits, tier.capacity, pad_mask, second_expert=cfg.second_expert,
+    d, g, c, n = x.shape[1], tier.group.size, tier.capacity, logits.shape[1] // tier.group.size
+    routing = top2_gating(logits, c, pad_mask, second_expert=cfg.second_expert,
                           normalize_before_drop=cfg.normalize_before_drop,
                           batch_prioritized=cfg.batch_prioritized_routing)
-    c = routing.capacity
     send = dispatch(x, routing, g * n)  # (g*n, c, d): member-major, as the experts live
     recv = all_to_all(send.view(g * n * c, d), tier.group, ledger=tier.ledger, tag=tier.name)  # member j's (n, c, d)
     return routing, recv.view(g, n, c, d).transpose(0, 1).reshape(n, g * c, d)  # (n, g*c, d)
@@ -475,8 +449,7 @@ def return_from_experts(h: Tensor, routing: Routing, tier: Tier) -> Tensor:
     """Send the experts' outputs (n, g * c, d) back to their tokens' ranks and combine: (t, d)."""
     n, d, g, c = h.shape[0], h.shape[2], tier.group.size, routing.capacity
     back = h.view(n, g, c, d).transpose(0, 1).reshape(g * n * c, d)  # (g*n*c, d): member j's slots together
-    out = all_to_all(back, tier.group, ledger=tier.ledger, tag=tier.name).view(g * n, c, d)  # (g*n, c, d)
-    return combine(out, routing)  # (t, d)
+    return combine(all_to_all(back, tier.group, ledger=tier.ledger, tag=tier.name).view(g * n, c, d), routing)  # (t, d)
 
 def moe_tier(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], tier: Tier, experts: Experts,
              cfg: MoEConfig) -> tuple[Tensor, Routing]:
@@ -527,7 +500,7 @@ class _MoELayer(nn.Module):
         if name == "local" and cfg.local_no_capacity:  # the least that cannot bind: an expert takes one slot per token
             capacity = largest
         elif not self.training and cfg.eval_capacity_token_fraction is not None:  # whatever the experts, k or factor
-            capacity = _ceil(cfg.eval_capacity_token_fraction * largest)
+            capacity = expert_capacity(largest, 1, 1, cfg.eval_capacity_token_fraction)  # ceil(fraction * largest)
         else:
             capacity = expert_capacity(largest, last - first, min(2, last - first), cfg.capacity_factor)
         return Tier(name, group, capacity, self.ledger), first, last
@@ -554,10 +527,10 @@ def three_way_split(total: int, ratio1: float, ratio2: float, num_nodes: int,
                     multiple: int = 1) -> tuple[int, int, int]:
     """`total` (tokens for Seq, width for Feat) into local = int(ratio1 * total), node = int(ratio2 * total), both
     rounded down to a multiple of `multiple`, and global = the rest; one node, or ratio1 + ratio2 = 1: no global."""
-    local = _floor(ratio1 * total / multiple) * multiple
+    # round(., 9) removes float noise before the floor: 0.29 * 100 = 28.999999999999996 counts as 29
+    local, node = (math.floor(round(r * total / multiple, 9)) * multiple for r in (ratio1, ratio2))
     if num_nodes == 1 or round(ratio1 + ratio2, 9) == 1:
         return local, total - local, 0
-    node = _floor(ratio2 * total / multiple) * multiple
     return local, node, total - local - node
 
 def seq_select(scores: Tensor, sizes: tuple[int, int, int], topology: Topology, n: int,
@@ -584,19 +557,17 @@ class SCoMoESeq(_MoELayer):
         _check_input(x, pad_mask, self.cfg.d_model, "SCoMoESeq")
         topo, cfg = self.topology, self.cfg
         mine = three_way_split(_real_tokens(x.shape[0], pad_mask), cfg.ratio1, cfg.ratio2, topo.num_nodes)
-        # every rank's tier sizes fix each tier's capacity; with ratio1 = 1 every real token is local on every rank
-        # and nothing is exchanged: the layer runs no collective at all
+        # every rank's tier sizes fix the tiers' capacities; ratio1 = 1: all local on every rank, no collective at all
         everyone = None if cfg.ratio1 == 1 else [
             three_way_split(c, cfg.ratio1, cfg.ratio2, topo.num_nodes) for c in topo.gather_counts(sum(mine))]
         logits = self.router(x)  # (t, E)
         tokens = seq_select(logits.detach(), mine, topo, self.n, pad_mask)
         routed = []  # (tier, token positions, first expert, routing, this rank's expert input)
-        for i, name in enumerate(TIERS):
+        for i, (name, idx) in enumerate(zip(TIERS, tokens)):  # idx: (t_tier,)
             largest = mine[i] if everyone is None else max(everyone[r][i] for r in topo.group(name).ranks)
             if largest == 0:  # no member has real tokens here: the whole group skips the tier
                 continue
             tier, first, last = self._tier(name, largest)
-            idx = tokens[i]  # (t_tier,)
             routing, h = send_to_experts(x.index_select(0, idx), logits.index_select(0, idx)[:, first:last],
                                          None if pad_mask is None else pad_mask[idx], tier, cfg)
             routed.append((tier, idx, first, routing, h))
@@ -657,20 +628,16 @@ class SCoMoEFeat(_MoELayer):
 # --- 8. Node-limited routing (a baseline beside SCoMoE, not in the paper) ---------------------------------------------
 
 def node_choice(gates: Tensor, num_nodes: int) -> Tensor:
-    """The node each token's experts are restricted to (M = 1): (t, E) -> (t,), the one whose k = 2 best gate values sum
-    highest (DeepSeek-V3's node-limited routing, K_r / M = 2), ties to the lower node."""
+    """The node each token is restricted to (M = 1): (t, E) -> (t,), its 2 best gates sum highest; ties to the lower."""
     t, E = gates.shape
     per_node = gates.view(t, num_nodes, E // num_nodes)  # (t, N, G*n)
     return per_node.topk(min(2, E // num_nodes), dim=-1).values.sum(dim=-1).argmax(dim=-1)  # (t,)
 
 class NodeLimitedMoE(_MoELayer):
-    """Top-2 inside one node per token (node_choice), the other way to cut inter-node bytes: hop 1 sends the token once
-    to its peer on that node (ceil(cf * t / N) slots per node), hop 2 is top-2 over that node's G * n experts. One copy
-    crosses at most one node boundary (GShard's two may reach two nodes): about half the inter-node bytes on 2 nodes."""
+    """Top-2 inside one node per token (node_choice): hop 1 to its peer on that node, hop 2 top-2 there (NOTES.md)."""
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
-        topo, cfg = self.topology, self.cfg
-        t, d = x.shape
+        topo, cfg, (t, d) = self.topology, self.cfg, x.shape
         N, node_experts = topo.num_nodes, cfg.num_experts // topo.num_nodes
         largest = max(topo.gather_counts(_real_tokens(t, pad_mask)))
         if largest == 0:
@@ -688,8 +655,7 @@ class NodeLimitedMoE(_MoELayer):
         filled = torch.cat([flagged, flagged.new_zeros(1, d + 1)])  # (t+1, d+1): row t is an empty slot
         send = filled[torch.where(source < 0, t, source)]  # (N*c1, d+1): node-major
         recv = all_to_all(send, topo.peers, ledger=self.ledger, tag="peers")  # (N*c1, d+1): from every node
-        # hop 2: top-2 over this node's experts, all-to-all inside the node; the receiving rank applies the
-        # (replicated) router itself rather than receiving the scores
+        # hop 2: top-2 over this node's experts inside the node, scored here by the (replicated) router
         x2, empty = recv[:, :d], recv[:, d] < 0.5  # (N*c1, d), (N*c1,)
         lo = topo.node_rank * node_experts
         c2 = expert_capacity(largest, node_experts, min(2, node_experts), cfg.capacity_factor)
@@ -705,8 +671,7 @@ class NodeLimitedMoE(_MoELayer):
 # --- 9. Token clustering (paper: "Token clustering": a balanced router, differentiable sorting) -----------------------
 
 def padding_scores(scores: Tensor, pad_mask: Tensor) -> Tensor:
-    """scores (t, C) with the padding rows set to lo - (hi - lo) (lo - 1 if all real scores are equal), below every
-    real score: padding is indifferent between clusters and only fills the places the real tokens leave free."""
+    """scores (t, C) with the padding rows set to lo - (hi - lo) (lo - 1 if all real scores are equal): NOTES.md."""
     real = scores.masked_fill(pad_mask[:, None], float("nan"))  # (t, C)
     finite = real[real.isfinite()]
     if finite.numel() == 0:
@@ -715,9 +680,8 @@ def padding_scores(scores: Tensor, pad_mask: Tensor) -> Tensor:
     return scores.masked_fill(pad_mask[:, None], lo - torch.where(hi > lo, hi - lo, torch.ones_like(lo)))
 
 def sort_tokens(x: Tensor, scores: Tensor, order: Tensor, tau: float, pad_mask: Optional[Tensor] = None) -> Tensor:
-    """Differentiable sorting M X, M = P + S - stopgrad(S), without a (t, t) matrix: x (t, d), scores (t, C), order
-    (t,) the hard sort P (t / C slots per cluster, by cluster); S's row for a slot of cluster e is softmax over the
-    (real) tokens of s[:, e] / tau, / (t / C). The value is exactly P X; the gradient reaches the scores via S."""
+    """Differentiable sorting M X, M = P + S - stopgrad(S), without a (t, t) matrix: x (t, d), scores (t, C), order (t,)
+    the hard sort P; S's rows in NOTES.md. The value is exactly P X; the gradient reaches the scores via S."""
     t, C = scores.shape
     m = t // C  # slots per cluster
     logits = scores.to(torch.promote_types(scores.dtype, torch.float32)) / tau  # softmax in float32 at least
@@ -738,9 +702,8 @@ class ClusterPlan(NamedTuple):
     group: CommGroup  # the world
 
 class TokenClustering(nn.Module):
-    """The first MoE layer with clustering: scores x W_c against one cluster per rank (route_to="rank") or node, the
-    balanced assignment (the Appendix), an all-to-all to the clusters' ranks, and there x + FFN(x) (gate="softmax",
-    trained by differentiable sorting) or BASE layers' sigmoid gate; with pre_norm, x + FFN(LN(x)). Undo: uncluster."""
+    """The first MoE layer with clustering: router W_c, one cluster per rank (route_to="rank") or node, the balanced
+    assignment, an all-to-all, then x + FFN(x) (pre_norm: FFN(LN(x))) or BASE's sigmoid gate. Undo: uncluster."""
 
     def __init__(self, d_model: int, d_ffn: int, topology: Topology, *, route_to: str = "rank",
                  gate: str = "softmax", tau: float = 0.5, activation: str = "relu", pre_norm: bool = False) -> None:
@@ -765,11 +728,9 @@ class TokenClustering(nn.Module):
 
     def cluster(self, x: Tensor, pad_mask: Optional[Tensor] = None, detach_router_input: bool = False,
                 balanced: bool = True) -> tuple[Tensor, ClusterPlan]:
-        """Every token to its cluster's rank: (t, d) -> (t_recv, d), and the plan. balanced=False: to its best cluster,
-        a hard sort (the authors' option for decoding: the tokens of one step are too few and alike to split evenly)."""
+        """Each token to its cluster's rank: (t, d) -> (t_recv, d), and the plan; balanced=False: argmax (NOTES.md)."""
         _check_input(x, pad_mask, self.router.in_features, "TokenClustering")
-        topo = self.topology
-        t, d = x.shape
+        topo, (t, d) = self.topology, x.shape
         W, G = topo.world_size, topo.ranks_per_node
         pad = (-t) % W if balanced else 0  # balanced: t_pad a multiple of W, the same share to every rank
         x = torch.cat([x, x.new_zeros(pad, d)])  # (t_pad, d)
@@ -816,9 +777,8 @@ def uncluster(y: Tensor, plan: ClusterPlan, ledger: Optional[CommLedger] = None)
 
 # --- Appendix. The balanced assignment (why the auction is right: NOTES.md) -----------------------------------------
 
-# T tokens to C clusters, m = T / C each, maximal total score s(t, c), by Bertsekas' auction as in BASE layers: a
-# cluster holds at most m tokens with their bids on record, its price p(c) the lowest of them once full (before, the
-# phase's floor). Every holder t of c keeps eps-complementary slackness, putting the total within T * eps of OPT:
+# T tokens to C clusters, m = T / C each, maximal total score s(t, c), by Bertsekas' auction as in BASE layers: cluster
+# c's price p(c) is its lowest bid on record, and every holder t of c keeps eps-complementary slackness (NOTES.md):
 #   s(t, c) - p(c) >= max_k (s(t, k) - p(k)) - eps                        (CS)
 _NEG_INF = float("-inf")
 _START_FRACTION = 0.25  # eps scaling: the first phase's eps, in score ranges (without scaling, ties make price wars)
@@ -826,23 +786,6 @@ _EPS_FACTOR = 6.0  # each later phase divides eps by this, down to the final eps
 _MIN_EPS_REL = 1e-13  # eps must stay well above float64 rounding of prices of size `scale`
 _EPS_PER_STD = 1e-7  # the default final eps in standard deviations of the scores: gap <= T * eps = 1e-7 * T * std
 _MAX_ROUNDS_PER_PHASE = 1_000_000  # a safety net so that a bug cannot loop forever (a phase always ends)
-
-def _check_scores(scores) -> tuple[int, int]:
-    if not isinstance(scores, Tensor):
-        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be 2-D (T tokens, C clusters), got shape {tuple(scores.shape)}; "
-                         "flatten the batch and sequence dims into T first, e.g. scores.reshape(-1, C)")
-    if not scores.is_floating_point():
-        raise ValueError(f"scores must be a floating point tensor, got dtype {scores.dtype}")
-    T, C = scores.shape
-    if C < 1 or T < C or T % C != 0:
-        fix = (f"pad the tokens to T' = {max(C, -(-T // C) * C)} rows with masked padding tokens whose score row is "
-               "constant and below every real token's score (padding_scores does this), then drop the padding rows "
-               "from the result" if C >= 1 else "give at least one cluster")
-        raise ValueError(f"balanced assignment needs T to be a positive multiple of C (every cluster gets exactly "
-                         f"T // C tokens), got T={T} tokens and C={C} clusters; {fix}")
-    return T, C
 
 def _score_facts(s: Tensor) -> tuple[bool, bool, bool, bool, float, float, float]:
     """(NaN?, +inf?, -inf?, a row all -inf?, least, greatest and std of the finite scores) of s (T, C): one sync."""
@@ -899,9 +842,8 @@ def _feasible(allowed: Tensor, m: int) -> bool:
 
 def _bid_for(s_rows: Tensor, price: Tensor, c: Tensor, eps: float) -> Tensor:
     """Bids for clusters c: s[t, c] - max_{k != c} (s[t, k] - p[k]) + eps, the highest price keeping (CS) for t in c."""
-    v = s_rows - price                                            # (..., C) values
     c = c.unsqueeze(-1)                                           # (..., 1)
-    w = v.scatter(-1, c, _NEG_INF).amax(dim=-1)                   # (...) best value elsewhere
+    w = (s_rows - price).scatter(-1, c, _NEG_INF).amax(dim=-1)    # (...) best value elsewhere
     return s_rows.gather(-1, c).squeeze(-1) - w + eps             # (...)
 
 def _run_rounds(s, price, slot_bid, slot_tok, bidders, eps, m) -> None:
@@ -927,13 +869,11 @@ def _run_rounds(s, price, slot_bid, slot_tok, bidders, eps, m) -> None:
         at = (row_of[b_c], rank)                                         # each new bid's place in (R, K)
         new_bid = torch.full((R, K), _NEG_INF, dtype=s.dtype, device=dev).index_put_(at, b_bid)  # (R, K)
         new_tok = torch.full((R, K), T, dtype=torch.long, device=dev).index_put_(at, b_tok)      # (R, K)
-        # the holders bid again at today's prices ("refresh": still (CS), and >= the bid on record), so that prices
-        # rise by a full eps per round, not one copy at a time; empty slots keep the floor
+        # holders bid again at today's prices ("refresh", NOTES.md): still (CS), >= the bid on record
         held_tok = slot_tok[rows]                                        # (R, m)
         s_held = s[held_tok.clamp(max=T - 1)]                            # (R, m, C)
         held_bid = torch.where(held_tok < T, _bid_for(s_held, price, rows[:, None].expand(R, m), eps), slot_bid[rows])
-        # each cluster keeps the m highest bids; holders first, so a holder wins a tie against a newcomer (stable
-        # sort); new bids are above the floor, so they fill empty slots before they push anyone out
+        # each cluster keeps the m highest bids; a holder wins a tie (stable sort); empty slots fill first
         cand_bid, pos = torch.sort(torch.cat([held_bid, new_bid], dim=1), dim=1, descending=True, stable=True)
         cand_tok = torch.cat([held_tok, new_tok], dim=1).gather(1, pos)  # (R, m+K)
         slot_bid[rows], slot_tok[rows] = cand_bid[:, :m], cand_tok[:, :m]
@@ -983,14 +923,24 @@ def _eps_schedule(span: float, eps_final: float) -> list[float]:
     return schedule + [eps_final]
 
 def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
-    """Assign T tokens to C clusters, exactly T // C each, maximising sum_t scores[t, cluster[t]]: (T, C) -> (T,) int64.
-    scores: any float dtype and device, -inf for a forbidden pair, T a multiple of C (else pad: padding_scores). eps:
-    the final slack (default 1e-7 * std of the scores, a power of two). The total is >= OPT - T * eps, no -inf pair is
-    used while some balanced assignment avoids them, and ties break deterministically. Contract, errors, algorithm
-    and proofs: NOTES.md, "The balanced assignment: why the auction is right"."""
-    T, C = _check_scores(scores)
-    m, dev = T // C, scores.device
-    s = scores.detach().to(torch.float64)                         # (T, C)
+    """Assign T tokens to C clusters, exactly T // C each, maximising sum_t scores[t, cluster[t]]: (T, C) -> (T,) int64,
+    within T * eps of OPT; -inf: a forbidden pair; T: a multiple of C (else pad: padding_scores); eps: the final slack.
+    Contract, defaults, errors, algorithm and proofs: the appendix of NOTES.md."""
+    if not isinstance(scores, Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D (T tokens, C clusters), got shape {tuple(scores.shape)}; "
+                         "flatten the batch and sequence dims into T first, e.g. scores.reshape(-1, C)")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating point tensor, got dtype {scores.dtype}")
+    T, C = scores.shape
+    if C < 1 or T < C or T % C != 0:
+        fix = (f"pad the tokens to T' = {max(C, -(-T // C) * C)} rows with masked padding tokens whose score row is "
+               "constant and below every real token's score (padding_scores does this), then drop the padding rows "
+               "from the result" if C >= 1 else "give at least one cluster")
+        raise ValueError(f"balanced assignment needs T to be a positive multiple of C (every cluster gets exactly "
+                         f"T // C tokens), got T={T} tokens and C={C} clusters; {fix}")
+    m, dev, s = T // C, scores.device, scores.detach().to(torch.float64)  # s: (T, C)
     nan, posinf, has_forbidden, dead_row, lo, hi, std = _score_facts(s)
     if nan:
         raise ValueError("scores contain NaN; replace them before calling, e.g. with scores.nan_to_num(nan="
@@ -1028,10 +978,8 @@ def balanced_assignment(scores: Tensor, eps: float | None = None) -> Tensor:
     if eps < _MIN_EPS_REL * scale:  # prices stay within a few `scale` of 0, and eps must not vanish next to them
         raise ValueError(f"eps={eps / unit:g} is too small for float64 arithmetic at score scale {scale / unit:g}; "
                          f"use eps >= {_MIN_EPS_REL * scale / unit:g}")
-    price = torch.zeros(C, dtype=torch.float64, device=dev)      # (C) phase 0: zero prices, every slot empty
-    slot_bid = torch.zeros(C, m, dtype=torch.float64, device=dev)           # (C, m)
-    slot_tok = torch.full((C, m), T, dtype=torch.long, device=dev)          # (C, m)
-    bidders, cluster = torch.arange(T, device=dev), None                    # (T)
+    price, slot_bid = s.new_zeros(C), s.new_zeros(C, m)          # (C), (C, m) phase 0: zero prices, every slot empty
+    slot_tok, bidders, cluster = torch.full((C, m), T, dtype=torch.long, device=dev), torch.arange(T, device=dev), None
     repair = C * C <= max(T, 1 << 14)  # Bellman-Ford's O(C^3) is small next to a phase's O(T * C) or its rounds
     for phase, eps_k in enumerate(_eps_schedule(span, eps)):     # eps decreasing
         if phase > 0:
