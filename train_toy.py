@@ -1483,8 +1483,8 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         if args.token_cluster and (args.moe == "dense" or args.layers < 4):
             p.error("--token-cluster needs --layers >= 4 (the clustering layer and at least one MoE layer after "
                     "it) and an MoE variant")
-    if a.get("cluster_assign") == "argmax" and not (a.get("token_cluster") or args.command != "train") \
-            or a.get("cluster_assign") == "argmax" and args.cluster_gate != "sigmoid":
+    clustered = args.command in ("demo", "sweep") or a.get("token_cluster")  # the demo and sweep hold clustering
+    if a.get("cluster_assign") == "argmax" and not (clustered and args.cluster_gate == "sigmoid"):
         p.error("--cluster-assign argmax needs --token-cluster and --cluster-gate sigmoid (with the softmax gate "
                 "only the differentiable sort trains the clustering router)")
     try:
