@@ -235,7 +235,7 @@ class Reference(NamedTuple):
 
 
 def ref_split(total: int, ratio1: float, ratio2: float, num_nodes: int, multiple: int = 1) -> list[int]:
-    """PAPER.md's tier sizes: int(alpha * T), int(beta * T), the rest (node takes the rest on one node or
+    """The paper's tier sizes: int(alpha * T), int(beta * T), the rest (node takes the rest on one node or
     when alpha + beta = 1); decimal arithmetic, so that 0.29 * 100 is 29."""
     from fractions import Fraction
     a, b = Fraction(str(ratio1)), Fraction(str(ratio2))

@@ -222,8 +222,8 @@ class ModelConfig:
     max_len: int = 64  # learned positions
     dropout: float = 0.1
     moe: str = "gshard"  # "dense", "gshard", "seq" or "feat": the FFN of every other layer
-    token_cluster: bool = False  # the layer order of PAPER.md, clustering at the first MoE layer
-    reorder_layers: bool = False  # PAPER.md's layer order without clustering (to separate the two effects)
+    token_cluster: bool = False  # the clustering layer order (NOTES.md, section 1), clustering at the first MoE layer
+    reorder_layers: bool = False  # that layer order without clustering (to separate the two effects)
     cluster_gate: str = "softmax"  # "softmax" (differentiable sorting) or "sigmoid" (BASE layers)
     route_to: str = "rank"  # clusters are ranks or nodes
     cluster_assign: str = "balanced"  # clustering: "balanced" (auction) or "argmax" (best cluster; sigmoid gate)
@@ -235,7 +235,7 @@ def layer_plan(layers: int, moe: str, token_cluster: bool, decoder: bool, reorde
     """The sublayers of one stack, in order: "self", "cross", "ffn", "moe", "cluster".
 
     Without clustering, layers alternate dense and MoE FFNs (MoE in every other layer).
-    With clustering (PAPER.md), or with reorder alone: the dense layers, then the attention
+    With clustering (the paper's order), or with reorder alone: the dense layers, then the attention
     of the MoE layers, then one dense FFN, then the MoE FFNs; with clustering the first MoE
     FFN is the clustering layer.
     """
