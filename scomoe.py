@@ -651,9 +651,11 @@ class NodeLimitedMoE(_MoELayer):
         # hop 1: each token once to its peer on the chosen node; slots in token order, c1 per node
         c1 = expert_capacity(largest, N, 1, cfg.capacity_factor)
         slot, kept, place, source = assign_slots(node[:, None], real, N, c1)  # place: (t, 1), source: (N*c1,)
-        flagged = torch.cat([x, real[:, None].to(x.dtype)], dim=1)  # (t, d+1): column d marks a filled slot
-        filled = torch.cat([flagged, flagged.new_zeros(1, d + 1)])  # (t+1, d+1): row t is an empty slot
-        send = filled[torch.where(source < 0, t, source)]  # (N*c1, d+1): node-major
+        n_kept = kept.sum(dim=0).new_zeros(N).scatter_add_(0, node, kept[:, 0].long())  # (N,)
+        hop1 = Routing(node[:, None], slot, place, kept.to(x.dtype), kept, source, c1, aux_loss, n_kept, real.sum(),
+                       (real.sum() - kept.sum()) / real.sum().clamp_min(1))  # k = 1, weight 1 where kept
+        filled = (source >= 0)[:, None].to(x.dtype)  # (N*c1, 1): 1 in a filled slot, 0 in an empty one
+        send = torch.cat([dispatch(x, hop1, N).view(N * c1, d), filled], dim=1)  # (N*c1, d+1): node-major
         recv = all_to_all(send, topo.peers, ledger=self.ledger, tag="peers")  # (N*c1, d+1): from every node
         # hop 2: top-2 over this node's experts inside the node, scored here by the (replicated) router
         x2, empty = recv[:, :d], recv[:, d] < 0.5  # (N*c1, d), (N*c1,)
@@ -662,10 +664,7 @@ class NodeLimitedMoE(_MoELayer):
         tier = Tier("node", topo.node, c2, self.ledger)
         y2, routing = moe_tier(x2, self.router(x2)[:, lo:lo + node_experts], empty, tier, self.experts, cfg)
         back = all_to_all(y2, topo.peers, ledger=self.ledger, tag="peers")  # (N*c1, d): each token's output
-        y = torch.cat([back, back.new_zeros(1, d)])[torch.where(place[:, 0] < 0, N * c1, place[:, 0])]  # (t, d)
-        n_kept = kept.sum(dim=0).new_zeros(N).scatter_add_(0, node, kept[:, 0].long())  # (N,)
-        hop1 = Routing(node[:, None], slot, place, kept.to(x.dtype), kept, source, c1, aux_loss, n_kept, real.sum(),
-                       (real.sum() - kept.sum()) / real.sum().clamp_min(1))
+        y = combine(back.view(N, c1, d), hop1)  # (t, d): 0 for a token hop 1 dropped
         return MoEOutput(y, aux_loss, {"peers": TierRouting(None, 0, hop1), "node": TierRouting(None, lo, routing)})
 
 # --- 9. Token clustering (paper: "Token clustering": a balanced router, differentiable sorting) -----------------------
