@@ -814,16 +814,12 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
 # Reports: the classroom demo's table and traffic picture, the sweep's table and curves
 
 
-def cluster_step_time(compute_s: float, matrix: list[list[int]], G: int, gbps_intra: float, gbps_inter: float) -> float:
-    """The cost model: compute time plus, per link class, the bytes of the busiest sender over its bandwidth.
-    matrix[src][dst]: bytes one step sends. Intra-node: one rank's bytes to its node's other ranks over
-    gbps_intra; inter-node: one node's bytes to other nodes (its ranks share the link) over gbps_inter.
-    Latency and overlap are ignored."""
+def link_bytes(matrix: list[list[int]], G: int) -> list[dict]:
+    """Per rank, the bytes of matrix[src][dst] (one step) it sends inside its node and to other nodes: the
+    form `predict`, the cost model, reads."""
     W = len(matrix)
-    intra = max(sum(matrix[r][q] for q in range(W) if q != r and q // G == r // G) for r in range(W))
-    inter = max(sum(matrix[r][q] for r in range(n * G, (n + 1) * G) for q in range(W) if q // G != n)
-                for n in range(W // G))
-    return compute_s + intra * 8 / (gbps_intra * 1e9) + inter * 8 / (gbps_inter * 1e9)
+    return [{"intra_node": sum(matrix[r][q] for q in range(W) if q != r and q // G == r // G),
+             "inter_node": sum(matrix[r][q] for q in range(W) if q // G != r // G)} for r in range(W)]
 
 
 def try_pyplot():
@@ -852,8 +848,7 @@ def report(results: list[dict], args: argparse.Namespace, topo: sc.Topology) -> 
     os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
     G, W = topo.ranks_per_node, topo.world_size
     for r in results:
-        r["cluster_step_s"] = cluster_step_time(r["step_time_s"], r["byte_matrix"], G, args.gbps_intra_node,
-                                                args.gbps_inter_node)
+        r["cluster_step_s"] = predict(r["step_time_s"], link_bytes(r["byte_matrix"], G), topo, args)
     base = next((r for r in results if r["moe"] == "gshard" and not r["token_cluster"]), results[0])
     print(f"\n{W} ranks as {topo.num_nodes} node(s) x {G}; step s measured on this machine ({W} processes on "
           f"{os.cpu_count()} cores); predicted on a cluster of the same shape with {args.gbps_intra_node:g} Gbit/s "
@@ -1423,7 +1418,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def world_and_rpn(args: argparse.Namespace) -> tuple[int, int]:
-    """The number of ranks and ranks per node this launch will have (before any process starts)."""
+    """The number of ranks and ranks per node of this launch: checked before any process starts, and the
+    topology each rank builds."""
     under_torchrun = "RANK" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.nproc
     rpn = args.ranks_per_node
@@ -1692,8 +1688,7 @@ def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Opti
             store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         backend = args.backend if args.backend != "auto" else "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    rpn = args.ranks_per_node if args.ranks_per_node is not None else min(2, world) if port is not None else None
-    return sc.build_topology(rpn), device
+    return sc.build_topology(world_and_rpn(args)[1]), device
 
 
 def inject_fault(args: argparse.Namespace, step: int, topo: sc.Topology, model: nn.Module) -> None:
