@@ -159,6 +159,24 @@ def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
     return Topology(rank, world_size, G, N, node_rank, local_rank, comm_group("local", [[rank]], 0), node,
                     comm_group("world", [list(range(world_size))], 0), peers, host_group)
 
+def emulated_topology(world_size: int, ranks_per_node: int, rank: int = 0) -> Topology:
+    """Rank `rank` of a world of W ranks, G per node, in this one process, every collective a local copy: the
+    benchmark's compute-only run of a cluster it does not have. Shapes and the ledger's bytes are a real run's, every
+    rank assumed to hold as many tokens as this one."""
+    if not (isinstance(ranks_per_node, int) and ranks_per_node >= 1 and isinstance(world_size, int)
+            and world_size % ranks_per_node == 0 and 0 <= rank < world_size):
+        raise ValueError(f"an emulated world of {world_size} ranks, {ranks_per_node} per node, rank {rank}: the world "
+                         f"must be a positive multiple of ranks_per_node and 0 <= rank < world_size")
+    G, N = ranks_per_node, world_size // ranks_per_node
+
+    def copy_group(name: str, ranks: Sequence[int]) -> CommGroup:
+        kind = CommGroup if len(ranks) == 1 else LocalCopyGroup
+        return kind(name, tuple(ranks), None, tuple(link_class(rank, r, G) for r in ranks))
+    node_rank, local_rank = divmod(rank, G)
+    return Topology(rank, world_size, G, N, node_rank, local_rank, copy_group("local", [rank]),
+                    copy_group("node", range(node_rank * G, (node_rank + 1) * G)), copy_group("world", range(world_size)),
+                    copy_group("peers", range(local_rank, world_size, G)), None)
+
 # --- 2. All-to-all with a link ledger (paper: "The problem") ----------------------------------------------------------
 
 class CommLedger:
@@ -240,6 +258,8 @@ class MoEConfig:
     normalize_before_drop: bool = False  # True: GShard's paper; False: fairseq (kept weights renormalised)
     activation: str = "relu"  # expert FFN activation: "relu" or "gelu"
     feat_multiple: int = 8  # Feat slice widths are rounded down to a multiple of this (aligned GEMMs); 1: exact
+    feat_hidden: str = "full"  # Feat: "full": each slice's FFN has d_ffn hidden units (the paper); "proportional":
+    #   d_ffn * d_slice / d_model (not in the paper: GShard's FFN FLOPs split with the width instead of kept per slice)
     # the authors' (fairseq's) options, off by default (NOTES.md, section 2): used by top2_gating and _MoELayer._tier
     batch_prioritized_routing: bool = False
     eval_capacity_token_fraction: Optional[float] = None  # None: the training formula at eval time too
@@ -259,6 +279,7 @@ class MoEConfig:
             (("ratio1", "ratio2"), lambda v: 0 <= v <= 1, "lie in [0, 1] (a share of the tokens or of d_model)"),
             (("second_expert",), lambda v: v in ("argmax", "sampling"), "be 'argmax' or 'sampling'"),
             (("activation",), lambda v: v in ("relu", "gelu"), "be 'relu' or 'gelu'"),
+            (("feat_hidden",), lambda v: v in ("full", "proportional"), "be 'full' or 'proportional'"),
             (("eval_capacity_token_fraction",), lambda v: v is None or number(v, (int, float)) and 0 < v <= 1,
              "lie in (0, 1] (a share of the tokens), or be None for the training capacity formula at eval time")]
         for names, ok, must in checks:
@@ -285,12 +306,22 @@ class Routing(NamedTuple):
     place: Tensor  # (t, k) long: row expert * c + slot of the (e * c)-row buffer; -1 where not kept
     weight: Tensor  # (t, k) combine weight; 0 where dropped or padding
     kept: Tensor  # (t, k) bool: the assignment fit into the expert's capacity
-    source: Tensor  # (e * c,) long: the assignment token * k + choice held by each slot; -1 if empty
+    token: Tensor  # (e * c,) long: the token each slot holds; -1 if empty
     capacity: int  # c: buffer slots per expert
     aux_loss: Tensor  # () load-balancing loss
-    load: Tensor  # (e,) assignments each expert accepted
-    assigned: Tensor  # () real (token, choice) assignments: k * real tokens
-    dropped: Tensor  # () share of the assigned that did not fit (0 without real tokens)
+    count: Tensor  # (k, e) long: real assignments each expert got, by choice, before capacity
+
+    @property
+    def load(self) -> Tensor:  # (e,): assignments each expert accepted
+        return self.count.sum(dim=0).clamp(max=self.capacity)
+
+    @property
+    def assigned(self) -> Tensor:  # (): real (token, choice) assignments: k * real tokens
+        return self.count.sum()
+
+    @property
+    def dropped(self) -> Tensor:  # (): share of the assigned that did not fit (0 without real tokens)
+        return (self.assigned - self.load.sum()) / self.assigned.clamp_min(1)
 
 def expert_capacity(tokens: int, experts: int, k: int, capacity_factor: float) -> int:
     """Buffer slots per expert: C = ceil(capacity_factor * k * tokens / experts) (k = 2, factor 1: GShard's 2S/E)."""
@@ -300,33 +331,41 @@ def inverse_permutation(order: Tensor) -> Tensor:
     """The positions p with order[p] = i, i.e. xs == xs[order][inverse_permutation(order)]: (m,) -> (m,)."""
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
 
-def assign_slots(expert: Tensor, real: Tensor, e: int, capacity: int,
-                 priority: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Slots for the assignments expert (t, k) of the real tokens (t,), every first choice before any second choice,
-    in token order or in `priority`'s (t,): slot, kept, place (t, k) as in Routing, and source (e * c,)."""
+def assign_slots(expert: Tensor, real: Optional[Tensor], e: int, capacity: int,
+                 priority: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Slots for the assignments expert (t, k) of the real tokens (t,) (None: all real), every first choice before any
+    second choice, in token order or in `priority`'s (t,), by GShard's running count of one-hot masks: slot, kept,
+    place (t, k) and token (e * c,) as in Routing, and count (k, e): assignments each expert got, by choice."""
     (t, k), device = expert.shape, expert.device
-    ranked, ranked_real = (expert, real) if priority is None else (expert[priority], real[priority])
-    key = ranked.t().reshape(-1).masked_fill(~ranked_real.repeat(k), e)  # (k*t,) choice-major; padding after all
-    order = key.sort(stable=True).indices  # (k*t,): a stable sort by expert keeps the choice-major order
-    count = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
-    start = count.cumsum(0) - count  # (e+1,): where each expert's run begins in `order`
-    slot = (inverse_permutation(order) - start[key]).view(k, t).t()  # (t, k): earlier assignments to its expert
+    ranked = expert if priority is None else expert.index_select(0, priority)
+    key = ranked.t().reshape(-1)  # (k*t,): choice-major
+    if real is not None:  # padding is counted under an extra expert e, and never kept
+        key = key.masked_fill(~(real if priority is None else real[priority]).repeat(k), e)
+    hot = torch.arange(e + 1, device=device)[:, None] == key  # (e+1, k*t) one-hot masks, an expert per row
+    # along rows: a GPU scans a tensor's last dimension fast, a long first one slowly
+    slot = (hot.cumsum(dim=1).gather(0, key[None]) - 1).view(k, t).t().contiguous()  # (t, k): earlier, same expert
     if priority is not None:
         slot = slot.index_select(0, inverse_permutation(priority))  # rows back to token order
-    kept = real[:, None] & (slot < capacity)  # (t, k)
-    place = (expert * capacity + slot).masked_fill(~kept, -1)  # (t, k)
-    spare = torch.where(place < 0, e * capacity, place)  # (t, k): the dropped all write one spare row
-    source = torch.full((e * capacity + 1,), -1, dtype=torch.long, device=device)
-    source = source.scatter_(0, spare.reshape(-1), torch.arange(t * k, device=device))[:-1]  # (e*c,)
-    return slot, kept, place, source
+    kept = slot < capacity if real is None else (slot < capacity) & real[:, None]  # (t, k)
+    row = slot.add(expert, alpha=capacity)  # (t, k): expert * c + slot
+    place = torch.where(kept, row, -1)
+    spare = torch.where(kept, row, e * capacity)  # the dropped all write one spare slot, cut off below
+    token = torch.full((e * capacity + 1,), -1, dtype=torch.long, device=device)
+    token = token.scatter_(0, spare.view(-1), torch.arange(t, device=device)[:, None].expand(t, k).reshape(-1))
+    return slot, kept, place, token[:-1], hot[:e].view(e, k, t).sum(dim=2).t()
 
-def _load_balancing_loss(gates: Tensor, first: Tensor, real: Tensor) -> Tensor:
-    """GShard's l_aux over the real tokens (t,) bool, from the gates (t, e) and the first choices (t,)."""
-    e, n_real = gates.shape[1], real.sum().clamp_min(1)
-    mean_gate = (gates * real[:, None]).sum(dim=0) / n_real  # (e,)  m_e: mean gate value
-    first_count = torch.zeros(e, dtype=gates.dtype, device=gates.device).scatter_add_(0, first, real.to(gates.dtype))
-    first_share = first_count / n_real  # (e,)  c_e / S: share of tokens whose first choice is e
-    return e * (mean_gate * first_share).sum()  # l_aux = E * sum_e m_e * c_e / S   (1 when balanced)
+def _load_balancing_loss(gates: Tensor, first_count: Tensor, real: Optional[Tensor]) -> Tensor:
+    """GShard's l_aux over the real tokens (t,) bool (None: all), from the gates (t, e) and the first choices each
+    expert got, first_count (e,)."""
+    (t, e), f = gates.shape, gates.dtype
+    if t == 0:
+        return gates.new_zeros(())
+    if real is None:
+        mean_gate, n_real = gates.mean(dim=0), t  # (e,)  m_e: mean gate value
+    else:
+        n_real = real.sum().clamp_min(1)
+        mean_gate = (gates * real[:, None]).sum(dim=0) / n_real
+    return torch.dot(mean_gate, first_count.to(f)) * e / n_real  # l_aux = E * sum_e m_e * c_e / S (1 when balanced)
 
 def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None, *,
                 second_expert: str = "argmax", normalize_before_drop: bool = False,
@@ -334,7 +373,7 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
     """GShard's top-2 gating (Algorithm 2) as fairseq's top2gate, logits (t, e), pad_mask (t,): NOTES.md, section 2."""
     (t, e), device = logits.shape, logits.device
     k = min(2, e)
-    real = torch.ones(t, dtype=torch.bool, device=device) if pad_mask is None else ~pad_mask
+    real = None if pad_mask is None else ~pad_mask
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in float32 at least
     gates = logits.softmax(dim=-1)  # (t, e)   g = softmax(x W_g)
     first = gates.argmax(dim=-1)  # (t,)
@@ -348,50 +387,29 @@ def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None
     # batch-prioritized: within each choice, slots by descending first-choice gate value (ties: token order)
     priority = (gates.gather(1, first[:, None]).squeeze(1).sort(descending=True, stable=True).indices
                 if batch_prioritized else None)  # (t,)
-    slot, kept, place, source = assign_slots(expert, real, e, capacity, priority)
+    slot, kept, place, token, count = assign_slots(expert, real, e, capacity, priority)
     gate = gates.gather(1, expert)  # (t, k)   g_1, g_2
     if normalize_before_drop:  # GShard's paper: g_i <- g_i / (g_1 + g_2) before the capacity check
         weight = gate / gate.sum(dim=-1, keepdim=True) * kept
     else:  # fairseq: the kept weights renormalised
         gate = gate * kept
         weight = gate / gate.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps)
-    load = torch.zeros(e, dtype=torch.long, device=device).scatter_add_(0, expert.reshape(-1), kept.reshape(-1).long())
-    assigned = k * real.sum()
-    dropped = (assigned - load.sum()) / assigned.clamp_min(1)
-    aux_loss = _load_balancing_loss(gates, first, real)
-    return Routing(expert, slot, place, weight, kept, source, capacity, aux_loss, load, assigned, dropped)
-
-def _take_rows(x: Tensor, index: Tensor, zero_missing: bool) -> Tensor:
-    """x[index] along dim 0: (n, ...) -> (m, ...); where index is -1, 0 (zero_missing) or a row never read."""
-    if x.shape[0] == 0:  # nothing to take: every index is -1
-        return x.new_zeros(index.shape[0], *x.shape[1:])
-    rows = x.index_select(0, index.clamp(min=0))
-    return rows.masked_fill((index < 0).view(-1, *[1] * (x.dim() - 1)), 0) if zero_missing else rows
-
-class _GatherRows(torch.autograd.Function):
-    """y = x[index] (rows) whose backward is a gather too: inverse[i] lists the rows of y reading row i of x (-1: none),
-    so grad_x[i] = sum_j grad_y[inverse[i, j]] needs no scatter-add: no atomics, and the same bits on every run."""
-
-    @staticmethod
-    def forward(ctx, x, index, inverse):
-        ctx.save_for_backward(inverse)
-        return _take_rows(x, index, zero_missing=False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        g = _take_rows(grad, inverse.reshape(-1), zero_missing=True).view(*inverse.shape, *grad.shape[1:])
-        return g.sum(dim=1) if inverse.shape[1] > 1 else g.squeeze(1), None, None
+    aux_loss = _load_balancing_loss(gates, count[0], real)
+    return Routing(expert, slot, place, weight, kept, token, capacity, aux_loss, count)
 
 def dispatch(x: Tensor, routing: Routing, num_experts: int) -> Tensor:
-    """Each expert's tokens in its capacity buffer: (t, d) -> (e, c, d); `combine` never reads an empty slot."""
-    token = routing.source.div(routing.expert.shape[1], rounding_mode="floor")  # (e*c,): each slot's token; -1 if empty
-    return _GatherRows.apply(x, token, routing.place).view(num_experts, routing.capacity, x.shape[1])  # (e, c, d)
+    """Each expert's tokens in its capacity buffer: (t, d) -> (e, c, d). An empty slot holds a copy of token 0 that
+    `combine` never reads, so its gradient is 0 (the experts map a zero gradient row to zeros)."""
+    token = routing.token.clamp(min=0)  # (e*c,)
+    if x.shape[0] == 0:  # no token: every slot is empty and reads a zero row
+        x = F.pad(x, (0, 0, 0, 1))
+    return x.index_select(0, token).view(num_experts, routing.capacity, x.shape[1])  # (e, c, d)
 
 def combine(expert_out: Tensor, routing: Routing) -> Tensor:
-    """y_t = sum_i w_ti * FFN_{e_ti}(x_t) (w = 0 where dropped): (e, c, d) -> (t, d)."""
+    """y_t = sum_i w_ti * FFN_{e_ti}(x_t): (e, c, d) -> (t, d). A dropped assignment (weight 0) reads slot 0.
+    Backward adds into each slot at most once besides those zeros: no atomics race, the same bits on every run."""
     (e, c, d), (t, k) = expert_out.shape, routing.expert.shape
-    picked = _GatherRows.apply(expert_out.reshape(e * c, d), routing.place.reshape(-1), routing.source[:, None])
+    picked = expert_out.reshape(e * c, d).index_select(0, routing.place.clamp(min=0).view(-1))  # (t*k, d)
     return (routing.weight.to(picked.dtype)[..., None] * picked.view(t, k, d)).sum(dim=1)  # (t, d)
 
 # --- 5. The GShard MoE layer ------------------------------------------------------------------------------------------
@@ -598,10 +616,13 @@ class SCoMoEFeat(_MoELayer):
     """SCoMoE-Feat: d_model split into local / node / global slices, gated over this rank's, the node's and all
     experts, the outputs concatenated back to d_model. Inter-node bytes: d_global / d_model of GShard's."""
 
-    def _experts(self) -> nn.Module:  # every expert is three FFNs, one per slice width, each with the full d_ffn
-        self.widths = feat_widths(self.cfg, self.topology.num_nodes)  # (d_local, d_node, d_global)
-        return nn.ModuleDict({tier: Experts(self.n, width, self.cfg.d_ffn, self.cfg.activation)
-                              for tier, width in zip(TIERS, self.widths) if width > 0})
+    def _experts(self) -> nn.Module:  # every expert is three FFNs, one per slice width (hidden: cfg.feat_hidden)
+        cfg = self.cfg
+        self.widths = feat_widths(cfg, self.topology.num_nodes)  # (d_local, d_node, d_global)
+        hidden = [cfg.d_ffn if cfg.feat_hidden == "full" else max(1, round(cfg.d_ffn * w / cfg.d_model))
+                  for w in self.widths]
+        return nn.ModuleDict({tier: Experts(self.n, width, f, cfg.activation)
+                              for tier, width, f in zip(TIERS, self.widths, hidden) if width > 0})
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         _check_input(x, pad_mask, self.cfg.d_model, "SCoMoEFeat")
@@ -642,19 +663,19 @@ class NodeLimitedMoE(_MoELayer):
         largest = max(topo.gather_counts(_real_tokens(t, pad_mask)))
         if largest == 0:
             return self._no_output(x)
-        real = torch.ones(t, dtype=torch.bool, device=x.device) if pad_mask is None else ~pad_mask
+        real = None if pad_mask is None else ~pad_mask
         logits = self.router(x)  # (t, E)
         gates = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # (t, E)
         node = node_choice(gates.detach(), N)  # (t,)
         first = gates.detach().view(t, N, node_experts)[torch.arange(t, device=x.device), node].argmax(dim=-1)  # (t,)
-        aux_loss = _load_balancing_loss(gates, node * node_experts + first, real)  # first choices inside the node
         # hop 1: each token once to its peer on the chosen node; slots in token order, c1 per node
         c1 = expert_capacity(largest, N, 1, cfg.capacity_factor)
-        slot, kept, place, source = assign_slots(node[:, None], real, N, c1)  # place: (t, 1), source: (N*c1,)
-        n_kept = kept.sum(dim=0).new_zeros(N).scatter_add_(0, node, kept[:, 0].long())  # (N,)
-        hop1 = Routing(node[:, None], slot, place, kept.to(x.dtype), kept, source, c1, aux_loss, n_kept, real.sum(),
-                       (real.sum() - kept.sum()) / real.sum().clamp_min(1))  # k = 1, weight 1 where kept
-        filled = (source >= 0)[:, None].to(x.dtype)  # (N*c1, 1): 1 in a filled slot, 0 in an empty one
+        slot, kept, place, token, count = assign_slots(node[:, None], real, N, c1)  # (t, 1), token: (N*c1,)
+        first_count = gates.new_zeros(cfg.num_experts).scatter_add_(  # first choices inside the node
+            0, node * node_experts + first, gates.new_ones(t) if real is None else real.to(gates.dtype))
+        aux_loss = _load_balancing_loss(gates, first_count, real)
+        hop1 = Routing(node[:, None], slot, place, kept.to(x.dtype), kept, token, c1, aux_loss, count)  # weight 1 if kept
+        filled = (token >= 0)[:, None].to(x.dtype)  # (N*c1, 1): 1 in a filled slot, 0 in an empty one
         send = torch.cat([dispatch(x, hop1, N).view(N * c1, d), filled], dim=1)  # (N*c1, d+1): node-major
         recv = all_to_all(send, topo.peers, ledger=self.ledger, tag="peers")  # (N*c1, d+1): from every node
         # hop 2: top-2 over this node's experts inside the node, scored here by the (replicated) router

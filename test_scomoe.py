@@ -144,11 +144,12 @@ def make_case(seed: int, counts: list[int], cfg: sc.MoEConfig, widths: dict[str,
     cots = [torch.randn(t, d, generator=g, dtype=torch.float64) for t in counts]
     router = torch.randn(E, d, generator=g, dtype=torch.float64)
     widths = widths or {"all": d}
+    hidden = {name: f if cfg.feat_hidden == "full" else max(1, round(f * w / d)) for name, w in widths.items()}
     experts = {
         name: {
-            "w1": torch.randn(E, w, f, generator=g, dtype=torch.float64) / math.sqrt(w),
-            "b1": torch.randn(E, 1, f, generator=g, dtype=torch.float64) * 0.1,
-            "w2": torch.randn(E, f, w, generator=g, dtype=torch.float64) / math.sqrt(f),
+            "w1": torch.randn(E, w, hidden[name], generator=g, dtype=torch.float64) / math.sqrt(w),
+            "b1": torch.randn(E, 1, hidden[name], generator=g, dtype=torch.float64) * 0.1,
+            "w2": torch.randn(E, hidden[name], w, generator=g, dtype=torch.float64) / math.sqrt(hidden[name]),
             "b2": torch.randn(E, 1, w, generator=g, dtype=torch.float64) * 0.1,
         }
         for name, w in widths.items()
@@ -604,7 +605,7 @@ def test_gating_of_padding_only():
     routing = sc.top2_gating(torch.randn(6, 4), 3, torch.ones(6, dtype=torch.bool))
     assert not routing.kept.any() and float(routing.weight.abs().sum()) == 0.0
     assert float(routing.aux_loss) == 0.0 and float(routing.dropped) == 0.0 and int(routing.assigned) == 0
-    assert (routing.source == -1).all()
+    assert (routing.token == -1).all()
 
 
 def test_second_expert_sampling_follows_the_softmax():
@@ -637,7 +638,7 @@ def test_seq_tiers_count_real_tokens():
 
 
 def test_dispatch_and_combine_by_index():
-    """dispatch puts each kept token at (expert, slot) of the buffer, and `source` names the assignment in
+    """dispatch puts each kept token at (expert, slot) of the buffer, and `token` names the token in
     each slot (-1: empty); combine returns sum_i w_i * buffer rows, and with an identity expert it returns
     the input scaled by the kept weight (dropped -> 0)."""
     torch.manual_seed(3)
@@ -651,8 +652,9 @@ def test_dispatch_and_combine_by_index():
         for c in range(2):
             if routing.kept[i, c]:
                 assert torch.equal(buf[routing.expert[i, c], routing.slot[i, c]], x[i])
+                assert routing.token.view(e, 3)[routing.expert[i, c], routing.slot[i, c]] == i
                 filled[routing.expert[i, c], routing.slot[i, c]] = True
-    assert routing.source.view(e, 3)[~filled].eq(-1).all() and routing.source.view(e, 3)[filled].ge(0).all()
+    assert routing.token.view(e, 3)[~filled].eq(-1).all() and routing.token.view(e, 3)[filled].ge(0).all()
     assert (routing.place == torch.where(routing.kept, routing.expert * 3 + routing.slot, -1)).all()
     y = sc.combine(buf, routing)
     assert_close(y, x * routing.weight.sum(dim=1, keepdim=True))
@@ -677,7 +679,7 @@ def test_gating_with_no_tokens():
     """A gate over zero tokens returns empty routing, zero aux loss, all-empty slots and an empty output."""
     routing = sc.top2_gating(torch.zeros(0, 4), 3)
     assert routing.expert.shape == (0, 2) and float(routing.aux_loss) == 0.0
-    assert routing.source.shape == (12,) and (routing.source == -1).all()
+    assert routing.token.shape == (12,) and (routing.token == -1).all()
     x = torch.zeros(0, 5, requires_grad=True)
     y = sc.combine(sc.dispatch(x, routing, 4), routing)
     assert y.shape == (0, 5)
@@ -718,6 +720,7 @@ def test_authors_option_errors():
     """A non-boolean flag, or an eval capacity fraction outside (0, 1], is a ValueError that names the value."""
     base = dict(d_model=8, d_ffn=8, num_experts=4)
     for kwargs, match in [(dict(batch_prioritized_routing=1), "batch_prioritized_routing=1"),
+                          (dict(feat_hidden="half"), "feat_hidden='half' must be 'full' or 'proportional'"),
                           (dict(local_no_capacity="yes"), "local_no_capacity='yes'"),
                           (dict(eval_capacity_token_fraction=0.0), "eval_capacity_token_fraction=0.0"),
                           (dict(eval_capacity_token_fraction=-1.0), "or be None"),
@@ -899,6 +902,16 @@ def test_feat_matches_reference(workers, ranks_per_node, ratios):
     cfg = dict(d_model=8, d_ffn=10, num_experts=8, ratio1=ratios[0], ratio2=ratios[1], capacity_factor=1.0,
                feat_multiple=1)
     workers.run(check_against_reference, "feat", ranks_per_node, cfg, COUNTS, 6)
+
+
+def test_feat_with_proportional_hidden_matches_reference(workers):
+    """With feat_hidden="proportional" each slice's FFN has d_ffn x d_slice / d_model hidden units (20 x 2 / 8,
+    20 x 4 / 8, 20 x 2 / 8 here) and the layer still equals the single-process reference."""
+    cfg = dict(d_model=8, d_ffn=20, num_experts=8, ratio1=0.25, ratio2=0.5, capacity_factor=1.0, feat_multiple=1,
+               feat_hidden="proportional")
+    layer = sc.SCoMoEFeat(sc.MoEConfig(**cfg), sc.build_topology())
+    assert {tier: e.d_ffn for tier, e in layer.experts.items()} == {"local": 5, "node": 15}  # one node: no global
+    workers.run(check_against_reference, "feat", 2, cfg, COUNTS, 6)
 
 
 def _feat_global_vs_gshard(ranks_per_node: int):
@@ -2122,7 +2135,55 @@ def test_bench_runs_and_writes_bench_json(tmp_path):
         assert rows[kind]["predicted_s"] > rows[kind]["compute_only_s"]
     for kind in ("seq", "node-limited"):
         assert rows[kind]["bytes_per_step"]["inter_node"] < rows["gshard"]["bytes_per_step"]["inter_node"]
-    assert "speed-up" in proc.stdout
+        b = rows[kind]["break_even_gbps_inter_node"]
+        assert b in ("any", "never") or b > 0
+    assert rows["gshard"]["break_even_gbps_inter_node"] is None
+    assert "speed-up" in proc.stdout and "wins below" in proc.stdout
+
+
+def test_bench_emulates_a_cluster_in_one_process(tmp_path):
+    """`bench --nproc 1 --emulate 2x2` times rank 0 of 2 nodes x 2 in one process (compute only) and counts the
+    bytes a real run sends: the same inter-node bytes as the 4-process run of the same sizes."""
+    args = ["--bench-tokens", "64", "--d-model", "16", "--d-ffn", "16", "--reps", "2", "--feat-multiple", "1"]
+    run = lambda *a: subprocess.run([sys.executable, "train_toy.py", "bench", *args, *a],  # noqa: E731
+                                    cwd=HERE, capture_output=True, text=True, timeout=300)
+    proc = run("--nproc", "1", "--emulate", "2x2", "--out", str(tmp_path / "one"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rank 0 of 2 x 2 emulated" in proc.stdout
+    one = {r["moe"]: r for r in json.loads((tmp_path / "one" / "bench.json").read_text())}
+    assert proc.returncode == 0 and run("--out", str(tmp_path / "four")).returncode == 0
+    four = {r["moe"]: r for r in json.loads((tmp_path / "four" / "bench.json").read_text())}
+    for kind in ("gshard", "seq", "feat", "node-limited"):
+        assert one[kind]["emulated"] and one[kind]["median_s"] == one[kind]["compute_only_s"]
+        assert one[kind]["bytes_per_step"]["inter_node"] == four[kind]["bytes_per_step"]["inter_node"], kind
+    refused = run("--nproc", "2", "--emulate", "2x2")
+    assert refused.returncode == 2 and "--emulate 2x2 runs in one process" in refused.stderr
+    assert "give nodes x ranks per node" in run("--nproc", "1", "--emulate", "2by2").stderr
+
+
+def test_break_even_bandwidth():
+    """The rate below which a variant beats GShard: saved inter-node bits over its extra seconds; "any" when it
+    costs no extra time, "never" when it saves nothing."""
+    rank = lambda intra, inter: {"intra_node": intra, "inter_node": inter}  # noqa: E731
+    gshard, saver = [rank(0, 1e9)] * 2, [rank(0, 0.25e9)] * 2  # one node of 2 ranks: the node sends 2x
+    # it saves 1.5e9 bytes per node link = 12e9 bits and costs 1 ms more: even at 12e12 bit/s
+    assert toy.break_even_gbps((2e-3, 1e-3), (saver, gshard), 2, 1e3) == pytest.approx(12e3)
+    assert toy.break_even_gbps((1e-3, 1e-3), (saver, gshard), 2, 1e3) == "any"
+    assert toy.break_even_gbps((2e-3, 1e-3), (gshard, gshard), 2, 1e3) == "never"
+    # extra intra-node bytes count at the intra-node rate: 1e9 bytes at 8e12 bit/s is 1 ms more
+    assert toy.break_even_gbps((1e-3, 1e-3), ([rank(1e9, 0.25e9)] * 2, gshard), 2, 8e3) == pytest.approx(12e3)
+
+
+def test_emulated_topology():
+    """emulated_topology: rank r's groups in a world it does not have, every collective a local copy."""
+    topo = sc.emulated_topology(8, 4, rank=5)
+    assert (topo.node_rank, topo.local_rank, topo.num_nodes) == (1, 1, 2)
+    assert topo.node.ranks == (4, 5, 6, 7) and topo.peers.ranks == (1, 5) and topo.world.size == 8
+    assert topo.local_copy and topo.gather_counts(3) == [3] * 8
+    assert topo.peers.links == ("inter_node", "intra_device") and topo.node.links[0] == "intra_node"
+    for bad in [(6, 4, 0), (8, 4, 8), (8, 0, 0)]:
+        with pytest.raises(ValueError, match="emulated world"):
+            sc.emulated_topology(*bad)
 
 
 def test_trace_prints_every_token_and_the_bytes():
@@ -2388,7 +2449,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["gshard", "seq", "feat"])
+@pytest.mark.parametrize("kind", ["gshard", "seq", "feat", "node-limited"])
 def test_layers_on_cuda_equal_cpu(kind):
     """On a GPU, each layer (world of one, float64) gives the CPU's outputs and gradients."""
     cfg = sc.MoEConfig(d_model=8, d_ffn=12, num_experts=4, ratio1=0.25, ratio2=0.5, capacity_factor=1.0,
@@ -2404,6 +2465,24 @@ def test_layers_on_cuda_equal_cpu(kind):
         results.append([t.cpu() for t in (out.y, x.grad, layer.router.weight.grad)])
     for a, b in zip(*results):
         assert_close(b, a)
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["gshard", "seq", "feat", "node-limited"])
+def test_layers_never_wait_on_the_gpu_in_a_world_of_one(kind):
+    """Without a padding mask, a layer's forward and backward in a world of one make no device-to-host sync
+    (torch's sync debug mode raises at the first): the host can queue the whole step ahead of the GPU."""
+    cfg = sc.MoEConfig(d_model=64, d_ffn=64, num_experts=8, ratio1=0.2, ratio2=0.5, feat_multiple=1)
+    layer = sc.make_moe_layer(kind, cfg, sc.build_topology()).cuda()
+    x = torch.randn(256, 64, device="cuda", requires_grad=True)
+    layer(x).y.square().mean().backward()  # warm-up: first calls may initialise libraries
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(x)
+        (out.y.square().mean() + out.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @cuda

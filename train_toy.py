@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -451,7 +452,8 @@ def moe_config(args: argparse.Namespace) -> sc.MoEConfig:
     """The MoE layers' settings from the command line."""
     return sc.MoEConfig(d_model=args.d_model, d_ffn=args.d_ffn, num_experts=args.experts,
                         capacity_factor=args.capacity_factor, ratio1=args.ratio1, ratio2=args.ratio2,
-                        feat_multiple=args.feat_multiple, batch_prioritized_routing=args.batch_prioritized_routing,
+                        feat_multiple=args.feat_multiple, feat_hidden=args.feat_hidden,
+                        batch_prioritized_routing=args.batch_prioritized_routing,
                         eval_capacity_token_fraction=args.eval_capacity_token_fraction,
                         local_no_capacity=args.local_no_capacity)
 
@@ -510,7 +512,7 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 # the optimizer (not --steps: the learning-rate schedule does not depend on it), besides the variant and the ranks
 FINGERPRINT_FLAGS = ("seed", "languages", "src_words", "train_pairs", "batch", "lr", "warmup", "label_smoothing",
                      "dropout", "aux_weight", "d_model", "d_ffn", "layers", "experts", "capacity_factor", "ratio1",
-                     "ratio2", "feat_multiple")
+                     "ratio2", "feat_multiple", "feat_hidden")
 
 
 def fingerprint(args: argparse.Namespace, variant: Variant, world: int, ranks_per_node: int) -> dict:
@@ -713,6 +715,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
            f"({topo.num_nodes} node(s) x {topo.ranks_per_node}), {args.experts} experts, "
            f"layers: enc {' '.join(model.encoder.plan)} | dec {' '.join(model.decoder.plan)}")
     started, first_step, saved = time.perf_counter(), state.step, state.step if step_dir else None
+    forward = torch.compile(model, dynamic=True) if args.compile else model  # the same parameters
     while state.step < args.steps:
         inject_fault(args, state.step, topo, model)
         batch = train_batch(task, state.step, topo.rank, topo.world_size, args.batch // topo.world_size, args.seed)
@@ -723,7 +726,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         src, tgt_in, tgt_out = (t.to(device, non_blocking=True) for t in batch)
         for group in opt_shared.param_groups + opt_experts.param_groups:
             group["lr"] = lr_at(state.step, args)
-        logits, moe_outs = model(src, tgt_in)
+        logits, moe_outs = forward(src, tgt_in)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=PAD,
                              reduction="sum", label_smoothing=args.label_smoothing)
         aux = torch.stack([o.aux_loss for o in moe_outs]).mean() if moe_outs else ce.new_zeros(())
@@ -1038,12 +1041,14 @@ def _layer_step(kind: str, layer: nn.Module, x: Tensor):
 
 
 def bench(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> None:
-    """Time one MoE layer forward + backward for gshard, seq, feat and the clustering step, each with
-    real all-to-alls and with local copies of the same shapes (compute only), interleaved rep by rep;
-    the cost model predicts each variant's time from the compute-only time and the ledger's bytes."""
+    """Time one MoE layer forward + backward per variant, with real all-to-alls and with local copies of the same
+    shapes (compute only), interleaved rep by rep; the cost model predicts each variant's time on a stated cluster
+    from its compute-only time and the ledger's bytes. --emulate NxG: rank 0 of that cluster, compute only."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    W, G, t, d = topo.world_size, topo.ranks_per_node, args.bench_tokens, args.d_model
+    if args.emulate:
+        topo = sc.emulated_topology(*emulated_world(args.emulate))
+    W, t, d = topo.world_size, args.bench_tokens, args.d_model
     cfg = moe_config(args)
     n = args.experts // W
 
@@ -1054,8 +1059,10 @@ def bench(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> 
         return sc.make_moe_layer(kind, cfg, tp).to(device, dtype)
 
     kinds = BENCH_KINDS
-    layers = {(kind, mode): make(kind, tp) for kind in kinds
-              for mode, tp in (("real", topo), ("compute", topo.with_local_copies()))}
+    # with real collectives, each variant twice: as is, and with local copies; otherwise compute is all there is
+    modes = (("real", topo), ("compute", topo.with_local_copies())) if W > 1 and not topo.local_copy \
+        else (("compute", topo),)
+    layers = {(kind, mode): make(kind, tp) for kind in kinds for mode, tp in modes}
     torch.manual_seed(args.seed + topo.rank)
     inputs = {key: torch.randn(t, d, device=device, dtype=dtype, requires_grad=True) for key in layers}
     # the expert GEMMs alone, on the buffer GShard's experts see: (n, W * C, d)
@@ -1082,26 +1089,59 @@ def bench(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> 
             if rep >= 2:
                 times[key].append(elapsed)
         if rep == 0:
-            for kind in kinds:
-                layers[kind, "real"].ledger.reset()
+            for key in layers:
+                if key[0] != "experts":
+                    layers[key].ledger.reset()
         if rep == 1:  # the bytes of exactly one step (the second warm-up), per rank
-            one_step = {kind: layers[kind, "real"].ledger.by_link() for kind in kinds}
-    every_rank = gather_objects(one_step)
-    if topo.rank == 0:
-        report_bench(args, topo, cfg, dtype, device, times, every_rank)
+            one_step = {kind: layers[kind, modes[0][0]].ledger.by_link() for kind in kinds}
+    if "real" not in {mode for mode, _ in modes}:
+        times.update({(kind, "real"): times[kind, "compute"] for kind in kinds})
+    # emulated: every rank sends what this one does
+    every_rank = [one_step] * W if topo.local_copy and not dist.is_initialized() else gather_objects(one_step)
+    profiles = {}
     if args.profile:
-        for key in [(kind, "real") for kind in kinds] + [("experts", "compute")]:
-            with torch.profiler.profile() as prof:
-                _layer_step(key[0], layers[key], inputs[key])
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print0(f"--- profile of {key[0]} (rank 0), forward + backward\n"
-                   + prof.key_averages().table(sort_by=sort_by, row_limit=12, max_name_column_width=40))
+        for key in [(kind, modes[0][0]) for kind in kinds] + [("experts", "compute")]:
+            profiles[key[0]], table = profile_step(steps[key], device)
+            print0(f"--- profile of {key[0]} (rank 0), forward + backward\n{table}")
+    if topo.rank == 0:
+        report_bench(args, topo, cfg, dtype, device, times, every_rank, profiles)
     if dist.is_initialized():
         dist.barrier()
     if W == 1:
         bench_dispatch(args, cfg, device, dtype)
+
+
+def emulated_world(text: str) -> tuple[int, int]:
+    """--emulate NxG: (world size, ranks per node)."""
+    nodes, per_node = (int(v) for v in text.lower().split("x"))
+    return nodes * per_node, per_node
+
+
+HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def profile_step(step, device: torch.device) -> tuple[dict, str]:
+    """One call of step under the profiler: on CUDA its kernels (copies and fills included), the host syncs
+    inside it (a blocking copy or synchronize) and the GPU's busy time; and the table of the costliest ops."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with torch.profiler.profile() as prof:
+        with torch.profiler.record_function("bench step"):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    span = next(e.time_range for e in events if e.name == "bench step")
+    inside = [e for e in events if span.start <= e.time_range.start <= span.end]
+    gpu = sorted((e.time_range.start, e.time_range.end) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0, -math.inf  # the union of the GPU's intervals
+    for s, f in gpu:
+        busy, end = busy + max(0, f - max(s, end)), max(end, f)
+    counts = {"kernels": len(gpu), "host_syncs": sum(e.name in HOST_SYNCS for e in inside),
+              "gpu_busy_s": busy * 1e-6} if device.type == "cuda" else {}
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return counts, prof.key_averages().table(sort_by=sort_by, row_limit=12, max_name_column_width=40)
 
 
 def all_max(value: float, device: torch.device) -> float:
@@ -1111,53 +1151,88 @@ def all_max(value: float, device: torch.device) -> float:
     return float(t)
 
 
-def predict(compute_s: float, per_rank: list[dict], topo: sc.Topology, args: argparse.Namespace) -> float:
-    """The cost model: compute-only time plus, per link class, the bytes of the busiest sender over its
-    bandwidth. Intra-node: one rank's bytes over --gbps-intra-node; inter-node: one node's bytes (its
-    ranks share the link) over --gbps-inter-node. Latency and overlap are ignored."""
-    G = topo.ranks_per_node
+def link_load(per_rank: list[dict], G: int) -> tuple[int, int]:
+    """The cost model's loads: bytes of the busiest rank inside its node, and of the busiest node's link (its
+    ranks share it) to other nodes."""
     intra = max(b["intra_node"] for b in per_rank)
-    inter = max(sum(b["inter_node"] for b in per_rank[n * G:(n + 1) * G]) for n in range(topo.num_nodes))
+    inter = max(sum(b["inter_node"] for b in per_rank[s:s + G]) for s in range(0, len(per_rank), G))
+    return intra, inter
+
+
+def predict(compute_s: float, per_rank: list[dict], topo: sc.Topology, args: argparse.Namespace) -> float:
+    """The cost model: compute-only time plus each link's load over its rate (intra-node: one rank's bytes over
+    --gbps-intra-node; inter-node: one node's bytes over --gbps-inter-node). Latency and overlap are ignored."""
+    intra, inter = link_load(per_rank, topo.ranks_per_node)
     return compute_s + intra * 8 / (args.gbps_intra_node * 1e9) + inter * 8 / (args.gbps_inter_node * 1e9)
 
 
-def report_bench(args, topo, cfg, dtype, device, times, every_rank) -> None:
+def break_even_gbps(compute: tuple[float, float], per_rank: tuple[list, list], G: int, gbps_intra: float):
+    """The inter-node rate per node link (Gbit/s) below which a variant's predicted step beats GShard's, from
+    (variant, GShard) compute times and per-rank bytes: where the inter-node bytes it saves cost as much as its
+    extra compute and intra-node time. "any": it is faster at every rate; "never": at none."""
+    (intra_v, inter_v), (intra_g, inter_g) = (link_load(p, G) for p in per_rank)
+    saved_bits = (inter_g - inter_v) * 8
+    extra_s = compute[0] - compute[1] + (intra_v - intra_g) * 8 / (gbps_intra * 1e9)
+    if saved_bits < 0 and extra_s < 0:
+        return f"above {saved_bits / extra_s / 1e9:.3g}"  # it sends more and computes less: wins on fast links
+    if extra_s <= 0:
+        return "any"
+    return "never" if saved_bits <= 0 else saved_bits / extra_s / 1e9
+
+
+def report_bench(args, topo, cfg, dtype, device, times, every_rank, profiles) -> None:
     med = {key: statistics.median(ts) for key, ts in times.items()}
-    kinds = BENCH_KINDS
+    kinds, G = BENCH_KINDS, topo.ranks_per_node
     predicted = {k: predict(med[k, "compute"], [r[k] for r in every_rank], topo, args) for k in kinds}
+    gshard_bytes = [r["gshard"] for r in every_rank]
     rows = []
     for k in kinds:
         rows.append({
             "moe": k, "ratio1": cfg.ratio1, "ratio2": cfg.ratio2, "tokens_per_rank": args.bench_tokens,
-            "d_model": cfg.d_model, "d_ffn": cfg.d_ffn, "experts": args.experts,
-            "world_size": topo.world_size, "ranks_per_node": topo.ranks_per_node, "dtype": str(dtype).split(".")[1],
-            "device": device.type, "reps": args.reps, "median_s": med[k, "real"], "min_s": min(times[k, "real"]),
-            "compute_only_s": med[k, "compute"],
+            "d_model": cfg.d_model, "d_ffn": cfg.d_ffn, "experts": args.experts, "feat_hidden": cfg.feat_hidden,
+            "world_size": topo.world_size, "ranks_per_node": G, "emulated": bool(args.emulate),
+            "dtype": str(dtype).split(".")[1], "device": device.type, "compiled": args.compile, "reps": args.reps,
+            "median_s": med[k, "real"], "min_s": min(times[k, "real"]), "compute_only_s": med[k, "compute"],
             "bytes_per_step": {link: sum(r[k][link] for r in every_rank) for link in sc.LINK_CLASSES},
             "speedup_vs_gshard": med["gshard", "real"] / med[k, "real"],
             "predicted_s": predicted[k], "predicted_speedup_vs_gshard": predicted["gshard"] / predicted[k],
             "gbps_intra_node": args.gbps_intra_node, "gbps_inter_node": args.gbps_inter_node,
+            "break_even_gbps_inter_node": None if k in ("gshard", "cluster") else break_even_gbps(
+                (med[k, "compute"], med["gshard", "compute"]), ([r[k] for r in every_rank], gshard_bytes), G,
+                args.gbps_intra_node),
+            **profiles.get(k, {}),
         })
     rows.append({"moe": "experts", "tokens_per_rank": args.bench_tokens, "d_model": cfg.d_model,
                  "median_s": med["experts", "compute"], "min_s": min(times["experts", "compute"]),
-                 "reps": args.reps, "note": "the expert GEMMs alone, forward + backward, on GShard's buffer"})
+                 "reps": args.reps, "note": "the expert GEMMs alone, forward + backward, on GShard's buffer",
+                 **profiles.get("experts", {})})
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"bench: {topo.world_size} ranks ({topo.num_nodes} node(s) x {topo.ranks_per_node}), {device.type} "
-          f"{rows[0]['dtype']}, {args.bench_tokens} tokens/rank, d={cfg.d_model}, d_ffn={cfg.d_ffn}, "
-          f"{cfg.num_experts} experts, ratios ({cfg.ratio1}, {cfg.ratio2}); median of {args.reps}; "
-          f"model: {args.gbps_intra_node} Gbit/s intra-node per rank, {args.gbps_inter_node} Gbit/s per node link")
+    where = f"rank 0 of {topo.num_nodes} x {G} emulated: compute only" if args.emulate else \
+        f"{topo.world_size} ranks ({topo.num_nodes} node(s) x {G})"
+    print(f"bench: {where}, {device.type} {rows[0]['dtype']}{' compiled' if args.compile else ''}, "
+          f"{args.bench_tokens} tokens/rank, d={cfg.d_model}, d_ffn={cfg.d_ffn}, {cfg.num_experts} experts, ratios "
+          f"({cfg.ratio1}, {cfg.ratio2}); median of {args.reps}; model: {args.gbps_intra_node} Gbit/s intra-node per "
+          f"rank, {args.gbps_inter_node} Gbit/s per node link")
     print(f"{'variant':<13} {'median ms':>9} {'min ms':>8} {'compute':>8} {'comm':>8} {'MB dev':>7} {'node':>7} "
-          f"{'inter':>7} {'speed-up':>8} {'pred ms':>8} {'pred s-up':>9}")
+          f"{'inter':>7} {'speed-up':>8} {'pred ms':>8} {'pred s-up':>9} {'wins below':>11}")
     for r in rows[:-1]:
         mb = [r["bytes_per_step"][link] / 1e6 for link in sc.LINK_CLASSES]
+        b = r["break_even_gbps_inter_node"]
+        wins = "-" if b is None else b if isinstance(b, str) else f"{b:.3g} Gb/s"
         print(f"{r['moe']:<13} {1e3 * r['median_s']:>9.2f} {1e3 * r['min_s']:>8.2f} {1e3 * r['compute_only_s']:>8.2f} "
               f"{1e3 * (r['median_s'] - r['compute_only_s']):>8.2f} {mb[0]:>7.2f} {mb[1]:>7.2f} {mb[2]:>7.2f} "
-              f"{r['speedup_vs_gshard']:>7.2f}x {1e3 * r['predicted_s']:>8.2f} {r['predicted_speedup_vs_gshard']:>8.2f}x")
+              f"{r['speedup_vs_gshard']:>7.2f}x {1e3 * r['predicted_s']:>8.2f} {r['predicted_speedup_vs_gshard']:>8.2f}x "
+              f"{wins:>11}")
     g = rows[0]
     print(f"experts  {1e3 * rows[-1]['median_s']:>9.2f} ms: GShard's layer is {g['median_s'] / rows[-1]['median_s']:.2f}x "
           f"its expert GEMMs; communication is {100 * (1 - g['compute_only_s'] / g['median_s']):.0f}% of GShard's step")
+    print("wins below: the inter-node Gbit/s per node link under which the variant's predicted step beats GShard's")
+    if profiles and "kernels" in profiles["gshard"]:
+        print(f"{'per step':<13} {'kernels':>8} {'host syncs':>10} {'GPU busy ms':>11}")
+        for k, p in profiles.items():
+            print(f"{k:<13} {p['kernels']:>8} {p['host_syncs']:>10} {1e3 * p['gpu_busy_s']:>11.2f}")
     print(f"wrote {os.path.join(args.out, 'bench.json')}")
 
 
@@ -1264,6 +1339,9 @@ def _flags_moe() -> argparse.ArgumentParser:
     g.add_argument("--ratio2", type=float, default=0.5, help="beta: share served inside the node")
     g.add_argument("--feat-multiple", type=int, default=8,
                    help="Feat slice widths are rounded down to a multiple of this (8 keeps GEMMs aligned; 1: exact)")
+    g.add_argument("--feat-hidden", default="full", choices=["full", "proportional"],
+                   help="Feat: each slice's FFN keeps d_ffn hidden units (full, the paper) or d_ffn x slice / d_model "
+                        "(proportional: not in the paper; GShard's FLOPs)")
     g.add_argument("--batch-prioritized-routing", action="store_true",
                    help="the authors' option: within capacity, tokens with the highest top gate value take slots first")
     g.add_argument("--eval-capacity-token-fraction", type=float, default=None,
@@ -1308,6 +1386,9 @@ def _flags_training() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="delete the checkpoints already in --out of the variants this run trains, and start afresh "
                         "(without it a fresh run into a folder with checkpoints is refused)")
+    g.add_argument("--compile", action="store_true",
+                   help="run the model's forward through torch.compile (dynamic shapes; the MoE layers' host-side "
+                        "token counts break the graph)")
     g.add_argument("--out", default="out",
                    help="folder for results, plots and checkpoints; each run adds results-NNNN.json and copies it "
                         "to results.json (the newest)")
@@ -1389,7 +1470,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = bench.add_argument_group("benchmark")
     g.add_argument("--bench-tokens", type=int, default=2048, help="tokens per rank")
     g.add_argument("--reps", type=int, default=15, help="timed repetitions per case (after two warm-ups)")
-    g.add_argument("--profile", action="store_true", help="print the costliest operations of each variant")
+    g.add_argument("--profile", action="store_true",
+                   help="per variant: kernels, host syncs and GPU busy time of one step (CUDA), costliest ops")
+    g.add_argument("--emulate", metavar="NxG", help="time rank 0 of N nodes x G ranks in one process, every "
+                   "collective a local copy (compute only; bytes as a real run's, every rank like rank 0)")
     g.add_argument("--compile", action="store_true", help="run each layer through torch.compile")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -1453,6 +1537,13 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
             p.error("--device cuda: no CUDA device is visible; use --device cpu")
         return
     world, rpn = world_and_rpn(args)
+    if a.get("emulate"):
+        if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", args.emulate.lower()):
+            p.error(f"--emulate {args.emulate!r}: give nodes x ranks per node, e.g. 2x8")
+        if world != 1:
+            p.error(f"--emulate {args.emulate} runs in one process, not {world}: add --nproc 1 (or launch torchrun "
+                    f"with --nproc_per_node=1)")
+        world, rpn = emulated_world(args.emulate)
     if rpn < 1 or world % rpn != 0:
         p.error(f"--ranks-per-node {rpn} does not divide the {world} ranks: every node holds the same number of ranks")
     if args.timeout <= 0:
