@@ -28,7 +28,6 @@ Shape letters used in comments:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import os
@@ -106,10 +105,8 @@ class Topology:
         return self.world.local_copy
 
     def with_local_copies(self) -> Topology:
-        """This topology with every collective a local copy of the same shape (the benchmark's compute-only run):
-        every rank is assumed to hold as many tokens as this one; the ledger still counts what a real run sends."""
-        copies = {k: LocalCopyGroup(**vars(getattr(self, k))) for k in ("node", "world", "peers")}  # the same fields
-        return dataclasses.replace(self, **copies)
+        """This topology with every collective a local copy of the same shape (the benchmark's compute-only run)."""
+        return emulated_topology(self.world_size, self.ranks_per_node, self.rank)
 
     def link(self, other: int) -> str:
         """The link class a byte crosses from this rank to rank `other`."""
@@ -170,10 +167,9 @@ def emulated_topology(world_size: int, ranks_per_node: int, rank: int = 0) -> To
     G, N = ranks_per_node, world_size // ranks_per_node
 
     def copy_group(name: str, ranks: Sequence[int]) -> CommGroup:
-        kind = CommGroup if len(ranks) == 1 else LocalCopyGroup
-        return kind(name, tuple(ranks), None, tuple(link_class(rank, r, G) for r in ranks))
+        return LocalCopyGroup(name, tuple(ranks), None, tuple(link_class(rank, r, G) for r in ranks))
     node_rank, local_rank = divmod(rank, G)
-    return Topology(rank, world_size, G, N, node_rank, local_rank, copy_group("local", [rank]),
+    return Topology(rank, world_size, G, N, node_rank, local_rank, CommGroup("local", (rank,), None, ("intra_device",)),
                     copy_group("node", range(node_rank * G, (node_rank + 1) * G)), copy_group("world", range(world_size)),
                     copy_group("peers", range(local_rank, world_size, G)), None)
 
