@@ -28,6 +28,7 @@ Shape letters used in comments:
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import os
@@ -303,13 +304,16 @@ class Routing(NamedTuple):
     weight: Tensor  # (t, k) combine weight; 0 where dropped or padding
     kept: Tensor  # (t, k) bool: the assignment fit into the expert's capacity
     token: Tensor  # (e * c,) long: the token each slot holds; -1 if empty
-    capacity: int  # c: buffer slots per expert
-    aux_loss: Tensor  # () load-balancing loss
+    capacity: int | Sequence[int]  # c: buffer slots per expert (or a list, one per expert: then `token` has their sum)
+    aux_loss: Tensor  # () load-balancing loss (a gate per segment of experts: (segments,))
     count: Tensor  # (k, e) long: real assignments each expert got, by choice, before capacity
 
     @property
     def load(self) -> Tensor:  # (e,): assignments each expert accepted
-        return self.count.sum(dim=0).clamp(max=self.capacity)
+        count = self.count.sum(dim=0)
+        if isinstance(self.capacity, int):
+            return count.clamp(max=self.capacity)
+        return torch.minimum(count, capacity_tensor(self.capacity, count.shape[0], count.device))
 
     @property
     def assigned(self) -> Tensor:  # (): real (token, choice) assignments: k * real tokens
@@ -327,33 +331,52 @@ def inverse_permutation(order: Tensor) -> Tensor:
     """The positions p with order[p] = i, i.e. xs == xs[order][inverse_permutation(order)]: (m,) -> (m,)."""
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
 
-def assign_slots(expert: Tensor, real: Optional[Tensor], e: int, capacity: int,
+def capacity_tensor(capacity: int | Sequence[int], e: int, device: torch.device) -> Tensor:
+    """Slots per expert as an (e,) long tensor, from one int or a host list (filled run by run: no copy to a GPU)."""
+    runs = [(c, len(list(same))) for c, same in itertools.groupby([capacity] * e if isinstance(capacity, int) else capacity)]
+    return torch.cat([torch.full((n,), c, dtype=torch.long, device=device) for c, n in runs])
+
+def assign_slots(expert: Tensor, real: Optional[Tensor], e: int, capacity: int | Sequence[int],
                  priority: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Slots for the assignments expert (t, k) of the real tokens (t,) (None: all real), every first choice before any
-    second choice, in token order or in `priority`'s (t,), by GShard's running count of one-hot masks: slot, kept,
-    place (t, k) and token (e * c,) as in Routing, and count (k, e): assignments each expert got, by choice."""
+    """Slots for the assignments expert (t, k) that `real` allows ((t,) a token's, (t, k) an assignment's; None: all),
+    every first choice before any second choice, in token order or in `priority`'s (t,), by GShard's running count
+    of one-hot masks: slot, kept, place (t, k) and token (rows,) as in Routing, and count (k, e): assignments each
+    expert got, by choice. `capacity`: slots per expert, one int or a host list of e; the rows are the experts'
+    slots in expert order."""
     (t, k), device = expert.shape, expert.device
+    allowed = None if real is None else real[:, None].expand(t, k) if real.dim() == 1 else real  # (t, k)
     ranked = expert if priority is None else expert.index_select(0, priority)
     key = ranked.t().reshape(-1)  # (k*t,): choice-major
-    if real is not None:  # padding is counted under an extra expert e, and never kept
-        key = key.masked_fill(~(real if priority is None else real[priority]).repeat(k), e)
+    if allowed is not None:  # padding is counted under an extra expert e, and never kept
+        key = key.masked_fill(~(allowed if priority is None else allowed[priority]).t().reshape(-1), e)
     hot = torch.arange(e + 1, device=device)[:, None] == key  # (e+1, k*t) one-hot masks, an expert per row
     # along rows: a GPU scans a tensor's last dimension fast, a long first one slowly
     slot = (hot.cumsum(dim=1).gather(0, key[None]) - 1).view(k, t).t().contiguous()  # (t, k): earlier, same expert
     if priority is not None:
         slot = slot.index_select(0, inverse_permutation(priority))  # rows back to token order
-    kept = slot < capacity if real is None else (slot < capacity) & real[:, None]  # (t, k)
-    row = slot.add(expert, alpha=capacity)  # (t, k): expert * c + slot
+    if isinstance(capacity, int):
+        kept, row, rows = slot < capacity, slot.add(expert, alpha=capacity), e * capacity  # row: expert * c + slot
+    else:
+        cap = capacity_tensor(capacity, e, device)  # (e,)
+        start = cap.cumsum(0) - cap  # (e,): each expert's first row
+        kept, row, rows = slot < cap[expert], start[expert] + slot, sum(capacity)
+    kept = kept if allowed is None else kept & allowed  # (t, k)
     place = torch.where(kept, row, -1)
-    spare = torch.where(kept, row, e * capacity)  # the dropped all write one spare slot, cut off below
-    token = torch.full((e * capacity + 1,), -1, dtype=torch.long, device=device)
+    spare = torch.where(kept, row, rows)  # the dropped all write one spare slot, cut off below
+    token = torch.full((rows + 1,), -1, dtype=torch.long, device=device)
     token = token.scatter_(0, spare.view(-1), torch.arange(t, device=device)[:, None].expand(t, k).reshape(-1))
     return slot, kept, place, token[:-1], hot[:e].view(e, k, t).sum(dim=2).t()
 
-def _load_balancing_loss(gates: Tensor, first_count: Tensor, real: Optional[Tensor]) -> Tensor:
+def _load_balancing_loss(gates: Tensor, first_count: Tensor, real: Optional[Tensor],
+                         segments: Optional[Sequence[int]] = None) -> Tensor:
     """GShard's l_aux over the real tokens (t,) bool (None: all), from the gates (t, e) and the first choices each
-    expert got, first_count (e,)."""
+    expert got, first_count (e,). `segments`: the experts in runs of these lengths, each run a gate of its own (a
+    token's gates are 0 outside its run): one l_aux per run, over its tokens, (segments,)."""
     (t, e), f = gates.shape, gates.dtype
+    if segments is not None:  # l_aux = E_s * sum_e (sum of g_e) * c_e / S_s^2 for each run s, S_s: its tokens
+        gate_sum = (gates if real is None else gates * real[:, None]).sum(dim=0)  # (e,)
+        return torch.stack([len(g) * torch.dot(g, c) / c.sum().clamp_min(1) ** 2 for g, c in
+                            zip(gate_sum.split(list(segments)), first_count.to(f).split(list(segments)))])
     if t == 0:
         return gates.new_zeros(())
     if real is None:
@@ -363,49 +386,59 @@ def _load_balancing_loss(gates: Tensor, first_count: Tensor, real: Optional[Tens
         mean_gate = (gates * real[:, None]).sum(dim=0) / n_real
     return torch.dot(mean_gate, first_count.to(f)) * e / n_real  # l_aux = E * sum_e m_e * c_e / S (1 when balanced)
 
-def top2_gating(logits: Tensor, capacity: int, pad_mask: Optional[Tensor] = None, *,
+def top2_gating(logits: Tensor, capacity: int | Sequence[int], pad_mask: Optional[Tensor] = None, *,
                 second_expert: str = "argmax", normalize_before_drop: bool = False,
-                generator: Optional[torch.Generator] = None, batch_prioritized: bool = False) -> Routing:
-    """GShard's top-2 gating (Algorithm 2) as fairseq's top2gate, logits (t, e), pad_mask (t,): NOTES.md, section 2."""
+                generator: Optional[torch.Generator] = None, batch_prioritized: bool = False,
+                segments: Optional[Sequence[int]] = None) -> Routing:
+    """GShard's top-2 gating (Algorithm 2) as fairseq's top2gate, logits (t, e), pad_mask (t,): NOTES.md, section 2.
+    `capacity`: slots per expert (an int, or a host list of e). `segments`: the experts in runs of these lengths, every
+    token gated inside one run (its logits -inf outside it; in a run of one expert, top-1), aux_loss one per run."""
     (t, e), device = logits.shape, logits.device
     k = min(2, e)
     real = None if pad_mask is None else ~pad_mask
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in float32 at least
     gates = logits.softmax(dim=-1)  # (t, e)   g = softmax(x W_g)
     first = gates.argmax(dim=-1)  # (t,)
-    expert = first[:, None]  # (t, 1)
+    expert, allowed = first[:, None], real  # (t, 1)
     if k == 2:
         others = logits.scatter(1, first[:, None], float("-inf"))  # (t, e): the first choice removed
         if second_expert == "sampling":  # fairseq's policy: Gumbel noise on the logits
             uniform = torch.rand(others.shape, generator=generator, device=device, dtype=others.dtype)
             others = others - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
-        expert = torch.stack([first, others.argmax(dim=-1)], dim=1)  # (t, k)
+        second = others.argmax(dim=-1)  # (t,)
+        expert = torch.stack([first, second], dim=1)  # (t, k)
+        if segments is not None and min(segments) == 1:  # a run of one expert has no second choice
+            has_second = others.gather(1, second[:, None]).isfinite()  # (t, 1)
+            allowed = torch.cat([torch.ones_like(has_second) if real is None else real[:, None],
+                                 has_second if real is None else has_second & real[:, None]], dim=1)  # (t, k)
     # batch-prioritized: within each choice, slots by descending first-choice gate value (ties: token order)
     priority = (gates.gather(1, first[:, None]).squeeze(1).sort(descending=True, stable=True).indices
                 if batch_prioritized else None)  # (t,)
-    slot, kept, place, token, count = assign_slots(expert, real, e, capacity, priority)
+    slot, kept, place, token, count = assign_slots(expert, allowed, e, capacity, priority)
     gate = gates.gather(1, expert)  # (t, k)   g_1, g_2
     if normalize_before_drop:  # GShard's paper: g_i <- g_i / (g_1 + g_2) before the capacity check
         weight = gate / gate.sum(dim=-1, keepdim=True) * kept
     else:  # fairseq: the kept weights renormalised
         gate = gate * kept
         weight = gate / gate.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gate.dtype).eps)
-    aux_loss = _load_balancing_loss(gates, count[0], real)
+    aux_loss = _load_balancing_loss(gates, count[0], real, segments)
     return Routing(expert, slot, place, weight, kept, token, capacity, aux_loss, count)
 
-def dispatch(x: Tensor, routing: Routing, num_experts: int) -> Tensor:
-    """Each expert's tokens in its capacity buffer: (t, d) -> (e, c, d). An empty slot holds a copy of token 0 that
-    `combine` never reads, so its gradient is 0 (the experts map a zero gradient row to zeros)."""
-    token = routing.token.clamp(min=0)  # (e*c,)
-    if x.shape[0] == 0:  # no token: every slot is empty and reads a zero row
-        x = F.pad(x, (0, 0, 0, 1))
-    return x.index_select(0, token).view(num_experts, routing.capacity, x.shape[1])  # (e, c, d)
+def dispatch(x: Tensor, routing: Routing, num_experts: int, rows: Optional[Tensor] = None) -> Tensor:
+    """Each expert's tokens in its capacity buffer: (t, d) -> (e, c, d), or (slots, d) for a list of capacities.
+    `rows` (gate positions,): the row of x each position of the gate is (None: the same). An empty slot holds a copy
+    of row 0 that `combine` never reads, so its gradient is 0 (the experts map a zero gradient row to zeros)."""
+    token = routing.token.clamp(min=0)  # (slots,)
+    if routing.expert.shape[0] == 0:  # nothing gated: every slot is empty and reads a zero row (x's, for autograd)
+        x, rows = F.pad(x, (0, 0, 0, 1))[-1:], None
+    slots = x.index_select(0, token if rows is None else rows.index_select(0, token))  # (slots, d)
+    return slots.view(num_experts, routing.capacity, x.shape[1]) if isinstance(routing.capacity, int) else slots
 
 def combine(expert_out: Tensor, routing: Routing) -> Tensor:
-    """y_t = sum_i w_ti * FFN_{e_ti}(x_t): (e, c, d) -> (t, d). A dropped assignment (weight 0) reads slot 0.
-    Backward adds into each slot at most once besides those zeros: no atomics race, the same bits on every run."""
-    (e, c, d), (t, k) = expert_out.shape, routing.expert.shape
-    picked = expert_out.reshape(e * c, d).index_select(0, routing.place.clamp(min=0).view(-1))  # (t*k, d)
+    """y_t = sum_i w_ti * FFN_{e_ti}(x_t): (e, c, d) or (slots, d) -> (t, d). A dropped assignment (weight 0) reads
+    slot 0. Backward adds into each slot at most once besides those zeros: no atomics race, the same bits each run."""
+    d, (t, k) = expert_out.shape[-1], routing.expert.shape
+    picked = expert_out.reshape(-1, d).index_select(0, routing.place.clamp(min=0).view(-1))  # (t*k, d)
     return (routing.weight.to(picked.dtype)[..., None] * picked.view(t, k, d)).sum(dim=1)  # (t, d)
 
 # --- 5. The GShard MoE layer ------------------------------------------------------------------------------------------
@@ -447,23 +480,32 @@ class MoEOutput(NamedTuple):
     aux_loss: Tensor  # () load-balancing loss (mean over the tiers that hold real tokens)
     tiers: dict[str, TierRouting]  # "global" for GShard; "local", "node", "global" for SCoMoE
 
+def to_experts(send: Tensor, tier: Tier, n: int) -> Tensor:
+    """Send the slots (g * n * c, d), member-major as the experts live, over the tier's group of g: this rank's expert
+    input (n, g * c, d), its n experts' slots from every member."""
+    g, d = tier.group.size, send.shape[-1]
+    recv = all_to_all(send.reshape(-1, d), tier.group, ledger=tier.ledger, tag=tier.name)  # member j's (n, c, d)
+    return recv.view(g, n, -1, d).transpose(0, 1).reshape(n, -1, d)  # (n, g*c, d)
+
+def from_experts(h: Tensor, tier: Tier) -> Tensor:
+    """The reverse of to_experts: the experts' outputs (n, g * c, d) back to the ranks that sent the slots, (g*n*c, d)."""
+    n, d, g = h.shape[0], h.shape[2], tier.group.size
+    back = h.view(n, g, -1, d).transpose(0, 1).reshape(-1, d)  # member j's slots together
+    return all_to_all(back, tier.group, ledger=tier.ledger, tag=tier.name)
+
 def send_to_experts(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], tier: Tier,
                     cfg: MoEConfig) -> tuple[Routing, Tensor]:
     """Gate x (t, d) over the e = g * n experts of the tier's g members (logits (t, e); one capacity on every member),
     dispatch, and send: the routing, and this rank's expert input (n, g * c, d), its slots from every member."""
-    d, g, c, n = x.shape[1], tier.group.size, tier.capacity, logits.shape[1] // tier.group.size
-    routing = top2_gating(logits, c, pad_mask, second_expert=cfg.second_expert,
+    e = logits.shape[1]
+    routing = top2_gating(logits, tier.capacity, pad_mask, second_expert=cfg.second_expert,
                           normalize_before_drop=cfg.normalize_before_drop,
                           batch_prioritized=cfg.batch_prioritized_routing)
-    send = dispatch(x, routing, g * n)  # (g*n, c, d): member-major, as the experts live
-    recv = all_to_all(send.view(g * n * c, d), tier.group, ledger=tier.ledger, tag=tier.name)  # member j's (n, c, d)
-    return routing, recv.view(g, n, c, d).transpose(0, 1).reshape(n, g * c, d)  # (n, g*c, d)
+    return routing, to_experts(dispatch(x, routing, e), tier, e // tier.group.size)
 
 def return_from_experts(h: Tensor, routing: Routing, tier: Tier) -> Tensor:
     """Send the experts' outputs (n, g * c, d) back to their tokens' ranks and combine: (t, d)."""
-    n, d, g, c = h.shape[0], h.shape[2], tier.group.size, routing.capacity
-    back = h.view(n, g, c, d).transpose(0, 1).reshape(g * n * c, d)  # (g*n*c, d): member j's slots together
-    return combine(all_to_all(back, tier.group, ledger=tier.ledger, tag=tier.name).view(g * n, c, d), routing)  # (t, d)
+    return combine(from_experts(h, tier), routing)  # (t, d)
 
 def moe_tier(x: Tensor, logits: Tensor, pad_mask: Optional[Tensor], tier: Tier, experts: Experts,
              cfg: MoEConfig) -> tuple[Tensor, Routing]:
@@ -565,7 +607,8 @@ def seq_select(scores: Tensor, sizes: tuple[int, int, int], topology: Topology, 
 
 class SCoMoESeq(_MoELayer):
     """SCoMoE-Seq: of the t real tokens, int(alpha t) are gated over this rank's experts (no communication), int(beta t)
-    over the node's, the rest over all, sharing the experts: about 1 - alpha - beta of GShard's inter-node bytes."""
+    over the node's, the rest over all, sharing the experts: about 1 - alpha - beta of GShard's inter-node bytes.
+    One gate for all tiers: its experts are the tiers' experts side by side, a token's logits -inf outside its tier."""
 
     def forward(self, x: Tensor, pad_mask: Optional[Tensor] = None) -> MoEOutput:  # x: (t, d)
         _check_input(x, pad_mask, self.cfg.d_model, "SCoMoESeq")
@@ -575,26 +618,47 @@ class SCoMoESeq(_MoELayer):
         everyone = None if cfg.ratio1 == 1 else [
             three_way_split(c, cfg.ratio1, cfg.ratio2, topo.num_nodes) for c in topo.gather_counts(sum(mine))]
         logits = self.router(x)  # (t, E)
-        tokens = seq_select(logits.detach(), mine, topo, self.n, pad_mask)
-        routed = []  # (tier, token positions, first expert, routing, this rank's expert input)
-        for i, (name, idx) in enumerate(zip(TIERS, tokens)):  # idx: (t_tier,)
+        runs = []  # the tiers that run: (tier, its token positions, its first expert, its number of experts)
+        for i, (name, idx) in enumerate(zip(TIERS, seq_select(logits.detach(), mine, topo, self.n, pad_mask))):
             largest = mine[i] if everyone is None else max(everyone[r][i] for r in topo.group(name).ranks)
-            if largest == 0:  # no member has real tokens here: the whole group skips the tier
-                continue
-            tier, first, last = self._tier(name, largest)
-            routing, h = send_to_experts(x.index_select(0, idx), logits.index_select(0, idx)[:, first:last],
-                                         None if pad_mask is None else pad_mask[idx], tier, cfg)
-            routed.append((tier, idx, first, routing, h))
-        if not routed:  # no real token on any rank
+            if largest > 0:  # else no member has real tokens here: the whole group skips the tier
+                tier, first, last = self._tier(name, largest)
+                runs.append((tier, idx, first, last - first))
+        if not runs:  # no real token on any rank
             return self._no_output(x)
+        order = torch.cat([idx for _, idx, _, _ in runs])  # (t_run,): the tokens tier by tier, each in token order
+        # one gate for all tiers: a tier's rows hold its experts' logits in its own columns, -inf elsewhere
+        widths = [e for *_, e in runs]
+        lefts = [sum(widths[:j]) for j in range(len(runs))]
+        rows = logits.index_select(0, order).split([idx.shape[0] for _, idx, _, _ in runs])
+        gate_logits = torch.cat([F.pad(r[:, first:first + e], (left, sum(widths) - left - e), value=float("-inf"))
+                                 for r, (_, _, first, e), left in zip(rows, runs, lefts)])  # (t_run, sum(widths))
+        routing = top2_gating(gate_logits, [tier.capacity for tier, *_, e in runs for _ in range(e)],
+                              None if pad_mask is None else pad_mask.index_select(0, order),
+                              second_expert=cfg.second_expert, normalize_before_drop=cfg.normalize_before_drop,
+                              batch_prioritized=cfg.batch_prioritized_routing, segments=widths)
+        send = dispatch(x, routing, sum(widths), rows=order).split([e * tier.capacity for tier, *_, e in runs])
+        hs = [to_experts(chunk, tier, self.n) for chunk, (tier, *_) in zip(send, runs)]  # (n, g*c, d) each
         # the tiers share the experts: one batched FFN over every tier's slots
-        outs = self.experts(torch.cat([h for *_, h in routed], dim=1)).split([h.shape[1] for *_, h in routed], dim=1)
-        y = x.new_zeros(x.shape)  # (t, d); padding in a skipped tier keeps 0
-        for (tier, idx, _, routing, _), h in zip(routed, outs):
-            y = y.index_copy(0, idx, return_from_experts(h, routing, tier))
-        tiers = {tier.name: TierRouting(idx, first, routing) for tier, idx, first, routing, _ in routed}
+        outs = self.experts(torch.cat(hs, dim=1)).split([h.shape[1] for h in hs], dim=1)
+        back = torch.cat([from_experts(h, tier) for h, (tier, *_) in zip(outs, runs)])  # (slots, d) as `send`
+        y = x.new_zeros(x.shape).index_copy(0, order, combine(back, routing))  # (t, d); a skipped tier's padding: 0
+        tiers = tier_routings(routing, runs)
         losses = [tiers[name].routing.aux_loss for i, name in enumerate(TIERS) if name in tiers and mine[i] > 0]
         return MoEOutput(y, _mean_aux(losses, x), tiers)
+
+def tier_routings(routing: Routing, runs: list[tuple[Tier, Tensor, int, int]]) -> dict[str, TierRouting]:
+    """Each tier's share of Seq's one gate, in the tier's own numbering (its tokens, experts and buffer rows)."""
+    out, top, left, row = {}, 0, 0, 0
+    for j, (tier, idx, first, e) in enumerate(runs):
+        t, c = idx.shape[0], tier.capacity
+        kept, token = routing.kept[top:top + t], routing.token[row:row + e * c]
+        part = Routing(routing.expert[top:top + t] - left, routing.slot[top:top + t],
+                       torch.where(kept, routing.place[top:top + t] - row, -1), routing.weight[top:top + t], kept,
+                       torch.where(token >= 0, token - top, -1), c, routing.aux_loss[j], routing.count[:, left:left + e])
+        out[tier.name] = TierRouting(idx, first, part)
+        top, left, row = top + t, left + e, row + e * c
+    return out
 
 # --- 7. SCoMoE-Feat (paper: "SCoMoE-Feat", slicing the feature dimension) ---------------------------------------------
 

@@ -136,11 +136,13 @@ class Case(NamedTuple):
 
 def make_case(seed: int, counts: list[int], cfg: sc.MoEConfig, widths: dict[str, int] | None = None,
               pad_every: int = 4) -> Case:
-    """Random float64 data for every rank (the same on every rank), with every pad_every-th token padding."""
+    """Random float64 data for every rank (the same on every rank), with every pad_every-th token padding; a count
+    -t: t tokens, all padding."""
     g = torch.Generator().manual_seed(seed)
     d, E, f = cfg.d_model, cfg.num_experts, cfg.d_ffn
+    pads = [torch.ones(-t, dtype=torch.bool) if t < 0 else torch.arange(t) % pad_every == pad_every - 1 for t in counts]
+    counts = [abs(t) for t in counts]
     xs = [torch.randn(t, d, generator=g, dtype=torch.float64) for t in counts]
-    pads = [torch.arange(t) % pad_every == pad_every - 1 for t in counts]
     cots = [torch.randn(t, d, generator=g, dtype=torch.float64) for t in counts]
     router = torch.randn(E, d, generator=g, dtype=torch.float64)
     widths = widths or {"all": d}
@@ -799,6 +801,14 @@ def test_seq_matches_reference(workers, ranks_per_node, ratios, experts_per_rank
     cfg = dict(d_model=6, d_ffn=10, num_experts=WORLD * experts_per_rank, ratio1=ratios[0], ratio2=ratios[1],
                capacity_factor=1.0)
     workers.run(check_against_reference, "seq", ranks_per_node, cfg, COUNTS, 2)
+
+
+@pytest.mark.parametrize("kind", ["gshard", "seq", "feat", "node-limited"])
+def test_a_rank_of_only_padding_matches_reference(workers, kind):
+    """A rank whose tokens are all padding, beside one with no token, still takes part in every tier its groups
+    run (Seq: its local tier, all padding, is skipped); outputs and gradients equal the reference."""
+    cfg = dict(d_model=8, d_ffn=10, num_experts=8, ratio1=0.25, ratio2=0.5, capacity_factor=1.0, feat_multiple=1)
+    workers.run(check_against_reference, kind, 2, cfg, [9, -5, 0, 8], 3)
 
 
 def test_seq_with_binding_capacity_matches_reference(workers):
