@@ -3,7 +3,7 @@
 A reference implementation of Zeng and Xiong, "SCoMoE: Efficient Mixtures of Experts with Structured Communication"
 (ICLR 2023), in one file, to be read beside the paper; NOTES.md maps the method to the code and records each choice the
 paper leaves open (the why of most docstrings here). Sections: the machinery, then the paper's order, then the auction:
-  1. Topology and process groups      ranks, nodes, and the local/node/world groups
+  1. Topology and process groups      ranks, nodes, the local/node/world groups; W ranks as threads of one process
   2. All-to-all with a link ledger    a differentiable collective that counts bytes per link class
   3. Configuration                    one dataclass, validated before any collective runs
   4. GShard top-2 gating              Algorithm 2 of GShard, dispatch and combine by index
@@ -32,8 +32,9 @@ import itertools
 import math
 import numbers
 import os
+import threading
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Optional, Sequence
+from typing import Callable, ClassVar, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,37 @@ class LocalCopyGroup(CommGroup):
         out[:n].copy_(x[:n])
         out[n:].zero_()
 
+class Meeting:
+    """Where the threads of a VirtualWorld's group hand each other values: each member leaves its own, waits for the
+    others, and takes every member's; a second wait keeps the slots until all have read them."""
+
+    def __init__(self, size: int) -> None:
+        self.barrier, self.slots = threading.Barrier(size), [None] * size
+
+    def swap(self, index: int, value):
+        self.slots[index] = value
+        self.barrier.wait()
+        values = list(self.slots)
+        self.barrier.wait()
+        return values
+
+@dataclass(frozen=True)
+class VirtualGroup(CommGroup):
+    """A group of a VirtualWorld: its members are threads of this process, and an all-to-all between them is a
+    concatenation of their tensors' slices, an ordinary differentiable operation (see VirtualWorld)."""
+    meeting: Optional[Meeting] = None
+    index: int = 0  # this rank's place in the group
+
+    def all_to_all(self, x: Tensor, send: list[int], recv: list[int], ledger: Optional[CommLedger], tag: str) -> Tensor:
+        chunks = self.meeting.swap(self.index, x.split(send))  # every member's rows, cut by destination
+        out = torch.cat([rows[self.index] for rows in chunks])
+        if ledger is not None:
+            row_bytes = math.prod(x.shape[1:]) * x.element_size()
+            ledger.record(tag, "forward", [r * row_bytes for r in send], self)
+            if out.requires_grad:  # the gradient goes back as a real all-to-all's would: count it when it does
+                out.register_hook(lambda g: ledger.record(tag, "backward", [r * row_bytes for r in recv], self))
+        return out
+
 @dataclass(frozen=True)
 class Topology:
     """Where this rank sits: W = N * G ranks, rank r on node r // G at local slot r % G."""
@@ -122,6 +154,8 @@ class Topology:
         that a GPU stream never waits on it. Under local copies every rank holds this rank's values."""
         if self.world_size == 1 or self.local_copy:
             return [list(values)] * self.world_size
+        if isinstance(self.world, VirtualGroup):
+            return [list(v) for v in self.world.meeting.swap(self.world.index, list(values))]
         mine = torch.tensor(list(values), dtype=torch.int64)
         every = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine, group=self.host_group)
@@ -173,6 +207,58 @@ def emulated_topology(world_size: int, ranks_per_node: int, rank: int = 0) -> To
     return Topology(rank, world_size, G, N, node_rank, local_rank, CommGroup("local", (rank,), None, ("intra_device",)),
                     copy_group("node", range(node_rank * G, (node_rank + 1) * G)), copy_group("world", range(world_size)),
                     copy_group("peers", range(local_rank, world_size, G)), None)
+
+class VirtualWorld:
+    """W ranks, G per node, in this one process, one thread per rank: every rank's layers run as they would in their
+    own process, and the same model trains on one device (a GPU, or a CPU without extra processes). A collective is a
+    meeting of threads, an all-to-all a differentiable concatenation of their tensors, so one backward through the sum
+    of every rank's loss gives each parameter the gradient that W processes would (the replicated ones summed)."""
+
+    def __init__(self, world_size: int, ranks_per_node: int) -> None:
+        emulated_topology(world_size, ranks_per_node)  # the same checks of the shape
+        self.world_size, self.ranks_per_node = world_size, ranks_per_node
+        G, W = ranks_per_node, world_size
+        sets = {"node": [list(range(n, n + G)) for n in range(0, W, G)], "peers": [list(range(s, W, G)) for s in range(G)],
+                "world": [list(range(W))]}
+        meetings = {name: [Meeting(len(ranks)) for ranks in groups] for name, groups in sets.items()}
+
+        def group(name: str, rank: int) -> CommGroup:
+            j = next(j for j, ranks in enumerate(sets[name]) if rank in ranks)
+            ranks = sets[name][j]
+            links = tuple(link_class(rank, r, G) for r in ranks)
+            if len(ranks) == 1:
+                return CommGroup(name, tuple(ranks), None, links)
+            return VirtualGroup(name, tuple(ranks), None, links, meetings[name][j], ranks.index(rank))
+        self.topologies = [Topology(r, W, G, W // G, r // G, r % G, CommGroup("local", (r,), None, ("intra_device",)),
+                                    group("node", r), group("world", r), group("peers", r), None) for r in range(W)]
+        self._meetings = [m for ms in meetings.values() for m in ms]
+
+    def run(self, fn: Callable[[int], object]) -> list:
+        """fn(rank) for every rank at once, each in its own thread (with the caller's grad mode and autocast); the
+        results in rank order. If a rank raises, the others are released and the first error is raised here."""
+        grad, autocast = torch.is_grad_enabled(), torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        results, errors = [None] * self.world_size, []
+
+        def work(rank: int) -> None:
+            try:
+                with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype, enabled=autocast):
+                    results[rank] = fn(rank)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(e)
+                for m in self._meetings:  # the others' waits end with BrokenBarrierError
+                    m.barrier.abort()
+        threads = [threading.Thread(target=work, args=(r,)) for r in range(self.world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            first = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+            for m in self._meetings:
+                m.barrier.reset()
+            raise first
+        return results
 
 # --- 2. All-to-all with a link ledger (paper: "The problem") ----------------------------------------------------------
 
@@ -238,6 +324,9 @@ def all_to_all(x: Tensor, group: CommGroup, send_splits: Splits = None, recv_spl
         raise ValueError("give both send_splits and recv_splits, or neither for an even split")
     if send_splits is None and x.shape[0] % group.size != 0:
         raise ValueError(f"{x.shape[0]} rows do not split evenly over {group.size} ranks: pass send/recv splits")
+    if isinstance(group, VirtualGroup):
+        even = [x.shape[0] // group.size] * group.size
+        return group.all_to_all(x, send_splits or even, recv_splits or even, ledger, tag)
     return _AllToAll.apply(x, group, send_splits, recv_splits, ledger, tag)
 
 # --- 3. Configuration -------------------------------------------------------------------------------------------------

@@ -447,6 +447,34 @@ def check_against_reference(kind: str, ranks_per_node: int, cfg_args: dict, coun
     return dict(layer.ledger.bytes), dropped
 
 
+def check_virtual_world(kind: str, ranks_per_node: int, cfg_args: dict, counts: list[int], seed: int):
+    """The same check as check_against_reference, every rank a thread of this process (sc.VirtualWorld), the router one
+    module shared by the ranks' layers and one backward through the sum of their losses. Returns each rank's ledger."""
+    cfg = sc.MoEConfig(**cfg_args)
+    world = sc.VirtualWorld(len(counts), ranks_per_node)
+    case = make_case(seed, counts, cfg, widths_of(kind, cfg, world.topologies[0].num_nodes))
+    layers = [build(kind, cfg, topo, case) for topo in world.topologies]
+    for layer in layers[1:]:
+        layer.router = layers[0].router  # replicated: one module, its gradient summed over the ranks
+    xs = [x.clone().requires_grad_() for x in case.xs]
+    outs = world.run(lambda r: layers[r](xs[r], case.pads[r]))
+    sum((out.y * cot).sum() + AUX_WEIGHT * out.aux_loss for out, cot in zip(outs, case.cots)).backward()
+    ref = run_reference(kind, case, cfg, len(counts), ranks_per_node)
+    n = cfg.num_experts // len(counts)
+    assert_close(layers[0].router.weight.grad, ref.router_grad)
+    for r, (layer, out, x) in enumerate(zip(layers, outs, xs)):
+        assert_close(out.y, ref.ys[r])
+        assert_close(out.aux_loss.to(torch.float64), ref.auxes[r])
+        assert_close(x.grad, ref.x_grads[r])
+        modules = layer.experts.items() if isinstance(layer.experts, torch.nn.ModuleDict) else [("all", layer.experts)]
+        for name, experts in modules:
+            for p in ("w1", "b1", "w2", "b2"):
+                param = getattr(experts, p)
+                assert_close(torch.zeros_like(param) if param.grad is None else param.grad,
+                             ref.expert_grads[name][p][r * n:(r + 1) * n], msg=f"rank {r} {name}.{p}")
+    return [dict(layer.ledger.bytes) for layer in layers]
+
+
 # ----------------------------------------------------------------------------
 # 1. Topology and groups
 
@@ -809,6 +837,32 @@ def test_a_rank_of_only_padding_matches_reference(workers, kind):
     run (Seq: its local tier, all padding, is skipped); outputs and gradients equal the reference."""
     cfg = dict(d_model=8, d_ffn=10, num_experts=8, ratio1=0.25, ratio2=0.5, capacity_factor=1.0, feat_multiple=1)
     workers.run(check_against_reference, kind, 2, cfg, [9, -5, 0, 8], 3)
+
+
+@pytest.mark.parametrize("kind", ["gshard", "seq", "feat", "node-limited"])
+@pytest.mark.parametrize("ranks_per_node", [2, 4])
+def test_virtual_world_equals_processes(workers, kind, ranks_per_node):
+    """Each layer on a VirtualWorld of 4 ranks (threads of one process) equals the reference, outputs and every
+    gradient, and its ledger counts on every rank the bytes, forward and backward, that 4 gloo processes count."""
+    cfg = dict(d_model=8, d_ffn=10, num_experts=8, ratio1=0.25, ratio2=0.5, capacity_factor=1.0, feat_multiple=1)
+    counts = [9, -5, 0, 8]
+    virtual = check_virtual_world(kind, ranks_per_node, cfg, counts, 4)
+    real = [ledger for ledger, _ in workers.run(check_against_reference, kind, ranks_per_node, cfg, counts, 4)]
+    assert virtual == real and any(virtual)
+
+
+def test_virtual_world_releases_every_rank_on_an_error():
+    """A rank that raises inside VirtualWorld.run does not leave the others waiting at a collective: the error
+    reaches the caller, and the world runs again afterwards."""
+    world = sc.VirtualWorld(4, 2)
+
+    def fn(rank: int):
+        if rank == 2:
+            raise ValueError("rank 2 failed")
+        return world.topologies[rank].gather_counts(rank)
+    with pytest.raises(ValueError, match="rank 2 failed"):
+        world.run(fn)
+    assert world.run(lambda r: world.topologies[r].gather_counts(r)) == [[0, 1, 2, 3]] * 4
 
 
 def test_seq_with_binding_capacity_matches_reference(workers):
@@ -1823,26 +1877,36 @@ def test_cluster_then_uncluster_restores_every_token(workers, route_to, gate, ba
     workers.run(_cluster_roundtrip, route_to, gate, balanced)
 
 
-def _cluster_stack(route_to: str, gate: str, detach: bool, balanced: bool = True):
-    topo = sc.build_topology(2)
-    W, G, d, f = topo.world_size, topo.ranks_per_node, 6, 8
-    C = W if route_to == "rank" else topo.num_nodes
+def _cluster_stack(route_to: str, gate: str, detach: bool, balanced: bool = True, virtual: bool = False):
+    """Clustering -> Seq -> Seq -> uncluster on 2 x 2 gloo ranks (this process one of them), or with virtual=True on
+    all 4 ranks of a VirtualWorld in this process, against the single-process reference."""
+    world = sc.VirtualWorld(4, 2) if virtual else None
+    topos = world.topologies if virtual else [sc.build_topology(2)]
+    W, G, d, f = topos[0].world_size, topos[0].ranks_per_node, 6, 8
+    C = W if route_to == "rank" else topos[0].num_nodes
     router, ffn_p = make_cluster_params(20, d, f, C, W)
     cfg = sc.MoEConfig(d_model=d, d_ffn=f, num_experts=2 * W, ratio1=0.25, ratio2=0.5)
     case1, case2 = make_case(21, COUNTS, cfg), make_case(22, COUNTS, cfg)
-    clustering = build_clustering(topo, d, f, route_to, gate, router, ffn_p)
-    seq1, seq2 = build("seq", cfg, topo, case1), build("seq", cfg, topo, case2)
-    x = case1.xs[topo.rank].clone().requires_grad_()
-    h, plan = clustering(x, case1.pads[topo.rank], detach_router_input=detach, balanced=balanced)
-    out1 = seq1(h, plan.pad_mask)
-    h = h + out1.y
-    out2 = seq2(h, plan.pad_mask)
-    y = sc.uncluster(h + out2.y, plan, clustering.ledger)
-    ((y * case1.cots[topo.rank]).sum() + AUX_WEIGHT * (out1.aux_loss + out2.aux_loss)).backward()
+    layers = [(build_clustering(topo, d, f, route_to, gate, router, ffn_p), build("seq", cfg, topo, case1),
+               build("seq", cfg, topo, case2)) for topo in topos]
+    for clustering, seq1, seq2 in layers[1:]:  # a virtual world: each replicated router is one module
+        clustering.router, seq1.router, seq2.router = (m.router for m in layers[0])
+    xs_run = [case1.xs[topo.rank].clone().requires_grad_() for topo in topos]
+
+    def stack(i: int):
+        (clustering, seq1, seq2), rank = layers[i], topos[i].rank
+        h, plan = clustering(xs_run[i], case1.pads[rank], detach_router_input=detach, balanced=balanced)
+        out1 = seq1(h, plan.pad_mask)
+        h = h + out1.y
+        out2 = seq2(h, plan.pad_mask)
+        y = sc.uncluster(h + out2.y, plan, clustering.ledger)
+        return y, (y * case1.cots[rank]).sum() + AUX_WEIGHT * (out1.aux_loss + out2.aux_loss)
+    results = world.run(stack) if virtual else [stack(0)]
+    sum(loss for _, loss in results).backward()
     # argmax routing with the softmax gate has no soft sort: the clustering router gets no gradient
-    routers = (clustering.router.weight, seq1.router.weight, seq2.router.weight)
+    routers = [m.router.weight for m in layers[0]]
     grads = [torch.zeros_like(w) if w.grad is None else w.grad.clone() for w in routers]
-    for grad in grads:
+    for grad in grads if not virtual else []:
         dist.all_reduce(grad)
 
     # the reference: every rank emulated in one process
@@ -1861,22 +1925,31 @@ def _cluster_stack(route_to: str, gate: str, detach: bool, balanced: bool = True
     loss = sum((o * cot).sum() for o, cot in zip(outs, case1.cots)) + AUX_WEIGHT * (sum(aux1) + sum(aux2))
     loss.backward()
 
-    r, n = topo.rank, cfg.num_experts // W
-    assert_close(y, outs[r].detach())
-    assert_close(x.grad, xs[r].grad)
     if leaves["router"].grad is not None:  # None only with argmax routing (checked below)
         assert_close(grads[0], leaves["router"].grad)
     assert_close(grads[1], p1["router"].grad)
     assert_close(grads[2], p2["router"].grad)
-    for p in ("w1", "b1", "w2", "b2"):
-        assert_close(getattr(clustering.ffn, p).grad, leaves[p].grad[r:r + 1])
-        assert_close(getattr(seq1.experts, p).grad, p1["all"][p].grad[r * n:(r + 1) * n])
-        assert_close(getattr(seq2.experts, p).grad, p2["all"][p].grad[r * n:(r + 1) * n])
+    n = cfg.num_experts // W
+    for (y, _), x, topo, (clustering, seq1, seq2) in zip(results, xs_run, topos, layers):
+        r = topo.rank
+        assert_close(y, outs[r].detach())
+        assert_close(x.grad, xs[r].grad)
+        for p in ("w1", "b1", "w2", "b2"):
+            assert_close(getattr(clustering.ffn, p).grad, leaves[p].grad[r:r + 1])
+            assert_close(getattr(seq1.experts, p).grad, p1["all"][p].grad[r * n:(r + 1) * n])
+            assert_close(getattr(seq2.experts, p).grad, p2["all"][p].grad[r * n:(r + 1) * n])
     if balanced or gate == "sigmoid":
         assert grads[0].abs().sum() > 0  # the gradient reaches the clustering router
     else:
         assert grads[0].abs().sum() == 0 and leaves["router"].grad is None  # hard argmax: no path, in both
     return float(grads[0].abs().sum())
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_virtual_world_clustering_stack_matches_reference(balanced):
+    """Clustering -> Seq -> Seq -> uncluster with every rank a thread of one process (sc.VirtualWorld) equals the
+    single-process reference: outputs and the gradients of inputs, routers and experts on every rank."""
+    _cluster_stack("node", "softmax", False, balanced, virtual=True)
 
 
 @pytest.mark.parametrize("route_to, gate, detach", [("rank", "softmax", False), ("node", "softmax", False),
@@ -2397,6 +2470,22 @@ def test_the_global_batch_trains_the_same_model_on_1_and_4_processes(tmp_path, m
     one, four = _losses(tmp_path / "one"), _losses(tmp_path / "four")
     assert len(one) == 4 and one[-1] < one[0]
     torch.testing.assert_close(torch.tensor(four), torch.tensor(one), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [["--moe", "seq", "--token-cluster", "--layers", "4"], ["--moe", "node-limited"]])
+def test_threads_train_the_model_that_4_processes_train(tmp_path, variant):
+    """--threads runs the 4 ranks (2 nodes x 2) as threads of one process: Seq with token clustering (capacity
+    binding, the aux loss on) and node-limited routing give the losses, the aux losses, the bytes every rank sends
+    to every rank, and the validation scores of 4 processes (dropout 0, float tolerance)."""
+    flags = [*variant, "--steps", "6", "--dropout", "0", "--eval-sentences", "16", "--eval-every", "3"]
+    [threads], _ = run_trainer(tmp_path / "threads", "train", *flags, "--threads")
+    [procs], _ = run_trainer(tmp_path / "procs", "train", *flags)
+    assert threads["threads"] and not procs["threads"] and threads["world_size"] == procs["world_size"] == 4
+    for key in ("losses", "aux_losses"):
+        torch.testing.assert_close(torch.tensor(threads[key]), torch.tensor(procs[key]), rtol=1e-4, atol=1e-5)
+    assert threads["byte_matrix"] == procs["byte_matrix"] and threads["bytes_per_step"] == procs["bytes_per_step"]
+    for a, b in zip(threads["evals"], procs["evals"]):
+        assert a["bleu"] == pytest.approx(b["bleu"], abs=1e-6) and a["valid_loss"] == pytest.approx(b["valid_loss"])
 
 
 def test_sweep_runs_every_point_and_resumes(tmp_path):

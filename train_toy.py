@@ -282,7 +282,7 @@ class MoEFFN(nn.Module):
 
     def __init__(self, cfg: ModelConfig, topo: sc.Topology) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm, self.topology = nn.LayerNorm(cfg.d_model), topo
         self.moe = sc.make_moe_layer(cfg.moe, cfg.moe_cfg, topo)
         self.dropout = cfg.dropout
 
@@ -291,68 +291,118 @@ class MoEFFN(nn.Module):
         return x + F.dropout(out.y, self.dropout, self.training), out
 
 
-class Stack(nn.Module):
-    """An encoder or a decoder: pre-LN sublayers in the order of layer_plan, then a final LayerNorm."""
+class Replicas(nn.ModuleList):
+    """A sublayer once per rank of a VirtualWorld (each on its rank's topology), sharing every parameter but the
+    experts': a replicated parameter is one tensor here, as all-reduced gradients keep it one value on every rank."""
 
-    def __init__(self, cfg: ModelConfig, topo: sc.Topology, decoder: bool) -> None:
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__(modules)
+        first = dict(modules[0].named_modules())
+        for replica in modules[1:]:
+            for name, m in replica.named_modules():
+                if not isinstance(m, sc.Experts):
+                    for key in list(m._parameters):
+                        m._parameters[key] = first[name]._parameters[key]
+
+
+class Stack(nn.Module):
+    """An encoder or a decoder: pre-LN sublayers in the order of layer_plan, then a final LayerNorm. The MoE and
+    clustering sublayers work on flat tokens, each rank on its own; with a VirtualWorld every rank's run in a thread."""
+
+    def __init__(self, cfg: ModelConfig, topo: sc.Topology, decoder: bool,
+                 world: Optional[sc.VirtualWorld] = None) -> None:
         super().__init__()
-        self.decoder, self.cfg = decoder, cfg
+        self.decoder, self.cfg, self.world = decoder, cfg, world
         self.plan = layer_plan(cfg.layers, cfg.moe, cfg.token_cluster, decoder, cfg.reorder_layers)
+
+        def flat(kind: str, topo: sc.Topology) -> nn.Module:
+            if kind == "moe":
+                return MoEFFN(cfg, topo)
+            return sc.TokenClustering(cfg.d_model, cfg.d_ffn, topo, route_to=cfg.route_to, gate=cfg.cluster_gate,
+                                      pre_norm=True)
         subs = []
         for kind in self.plan:
             if kind in ("self", "cross"):
                 subs.append(Attention(cfg.d_model, cfg.heads, cfg.dropout))
             elif kind == "ffn":
                 subs.append(FFN(cfg.d_model, cfg.d_ffn, cfg.dropout))
-            elif kind == "moe":
-                subs.append(MoEFFN(cfg, topo))
             else:
-                subs.append(sc.TokenClustering(cfg.d_model, cfg.d_ffn, topo, route_to=cfg.route_to,
-                                              gate=cfg.cluster_gate, pre_norm=True))
+                subs.append(flat(kind, topo) if world is None else Replicas([flat(kind, t) for t in world.topologies]))
         self.subs = nn.ModuleList(subs)
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, h: Tensor, pad: Tensor, memory: Optional[Tensor] = None,
-                memory_pad: Optional[Tensor] = None) -> tuple[Tensor, list[sc.MoEOutput]]:
-        """h: (B, T, d), pad: (B, T) -> (B, T, d) and the MoE layers' outputs (for losses and stats)."""
+    def forward(self, h: Tensor, pad: Tensor, memory: Optional[Tensor] = None, memory_pad: Optional[Tensor] = None,
+                split: Optional[tuple[list[int], list[int]]] = None) -> tuple[Tensor, list[sc.MoEOutput]]:
+        """h: (B, T, d), pad: (B, T) -> (B, T, d) and the MoE layers' outputs (for losses and stats). With a
+        VirtualWorld, `split` gives each rank's sentences (rows, in rank order) and its batch's width."""
         B, T, d = h.shape
         self_mask = ~pad[:, None, None, :]  # (B, 1, 1, T): keys that are not padding
         if self.decoder:
             self_mask = self_mask & torch.ones(T, T, dtype=torch.bool, device=h.device).tril()  # causal
         cross_mask = None if memory_pad is None else ~memory_pad[:, None, None, :]
-        outs, plan, clustering, flat_pad = [], None, None, pad.reshape(-1)
-        for kind, sub in zip(self.plan, self.subs):
+        outs, i = [], 0
+        while i < len(self.plan):
+            kind, sub = self.plan[i], self.subs[i]
             if kind == "self":
                 h = sub(h, None, self_mask)
             elif kind == "cross":
                 h = sub(h, memory, cross_mask)
             elif kind == "ffn":
                 h = sub(h)
-            elif kind == "cluster":  # from here on h is flat tokens that live on their cluster's rank
+            else:  # flat tokens from here: one MoE layer, or clustering and the MoE layers after it to the end
+                end = len(self.plan) if kind == "cluster" else i + 1
+                if self.world is None:
+                    h_flat, flat_outs = self.flat(self.subs[i:end], self.plan[i:end], h.reshape(-1, d), pad.reshape(-1))
+                    h = h_flat.view(B, T, d)
+                    outs += flat_outs
+                else:
+                    starts = list(itertools.accumulate(split[0], initial=0))
+
+                    def rank_run(r: int, i: int = i, end: int = end) -> tuple[Tensor, list[sc.MoEOutput]]:
+                        rows, width = slice(starts[r], starts[r + 1]), split[1][r]  # this rank's batch
+                        y, rank_outs = self.flat([sub[r] for sub in self.subs[i:end]], self.plan[i:end],
+                                                 h[rows, :width].reshape(-1, d), pad[rows, :width].reshape(-1))
+                        return F.pad(y.view(-1, width, d), (0, 0, 0, T - width)), rank_outs
+                    results = self.world.run(rank_run)
+                    h = torch.cat([y for y, _ in results])
+                    outs += [out for _, rank_outs in results for out in rank_outs]
+                i = end
+                continue
+            i += 1
+        return self.norm(h), outs
+
+    def flat(self, subs: Sequence[nn.Module], kinds: Sequence[str], h: Tensor,
+             pad: Tensor) -> tuple[Tensor, list[sc.MoEOutput]]:
+        """One rank's run of flat sublayers, h (t, d), pad (t,): after clustering the tokens live on their cluster's
+        rank until the last MoE layer sends them back and undoes the sort."""
+        outs, plan, clustering = [], None, None
+        for kind, sub in zip(kinds, subs):
+            if kind == "cluster":
                 assign = self.cfg.cluster_assign
                 if self.decoder and not self.training and self.cfg.decode_clustering is not None:
                     assign = self.cfg.decode_clustering
-                h, plan = sub(h.reshape(B * T, d), flat_pad, detach_router_input=self.decoder and self.training,
+                h, plan = sub(h, pad, detach_router_input=self.decoder and self.training,
                               balanced=assign == "balanced")
-                clustering, flat_pad = sub, plan.pad_mask
+                clustering, pad = sub, plan.pad_mask
             else:  # "moe"
-                h_flat, out = sub(h.reshape(-1, d), flat_pad)
-                h = h_flat.view(h.shape)
+                h, out = sub(h, pad)
                 outs.append(out)
-        if plan is not None:  # the last MoE layer sends the tokens back and undoes the sort
-            h = sc.uncluster(h, plan, clustering.ledger).view(B, T, d)
-        return self.norm(h), outs
+        if plan is not None:
+            h = sc.uncluster(h, plan, clustering.ledger)
+        return h, outs
 
 
 class Translator(nn.Module):
-    """Shared embeddings (tied output), learned positions, an encoder and a decoder."""
+    """Shared embeddings (tied output), learned positions, an encoder and a decoder. With a VirtualWorld it holds every
+    rank's MoE and clustering sublayers and takes a batch of every rank's sentences (rows: how many each, in rank order;
+    None: an even split)."""
 
-    def __init__(self, cfg: ModelConfig, topo: sc.Topology) -> None:
+    def __init__(self, cfg: ModelConfig, topo: sc.Topology, world: Optional[sc.VirtualWorld] = None) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.world = cfg, world
         self.embed = nn.Embedding(cfg.vocab, cfg.d_model, padding_idx=PAD)
         self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.encoder, self.decoder = Stack(cfg, topo, False), Stack(cfg, topo, True)
+        self.encoder, self.decoder = Stack(cfg, topo, False, world), Stack(cfg, topo, True, world)
         nn.init.normal_(self.embed.weight, std=cfg.d_model**-0.5)
 
     def embed_tokens(self, ids: Tensor) -> Tensor:  # (B, T) -> (B, T, d)
@@ -360,20 +410,36 @@ class Translator(nn.Module):
         h = self.embed(ids) * self.cfg.d_model**0.5 + self.pos(positions)
         return F.dropout(h, self.cfg.dropout, self.training)
 
-    def encode(self, src: Tensor) -> tuple[Tensor, list[sc.MoEOutput]]:
-        return self.encoder(self.embed_tokens(src), src == PAD)
+    def split(self, ids: Tensor, rows: Optional[list[int]], full: bool = False) -> Optional[tuple[list[int], list[int]]]:
+        """Each rank's sentences and the width its own batch would have: its longest sentence (padding trails), or
+        the whole width (full: a prefix being decoded)."""
+        if self.world is None:
+            return None
+        W = self.world.world_size
+        rows = rows or [ids.shape[0] // W] * W
+        if full:
+            return rows, [ids.shape[1]] * W
+        ends = torch.where(ids != PAD, torch.arange(1, ids.shape[1] + 1, device=ids.device), 0).amax(dim=1)  # (B,)
+        return rows, [int(e.max()) for e in ends.split(rows)] if ids.shape[1] else [0] * W
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, src: Tensor) -> tuple[Tensor, list[sc.MoEOutput]]:
-        h, outs = self.decoder(self.embed_tokens(tgt_in), tgt_in == PAD, memory, src == PAD)
+    def encode(self, src: Tensor, rows: Optional[list[int]] = None) -> tuple[Tensor, list[sc.MoEOutput]]:
+        return self.encoder(self.embed_tokens(src), src == PAD, split=self.split(src, rows))
+
+    def decode(self, tgt_in: Tensor, memory: Tensor, src: Tensor, rows: Optional[list[int]] = None,
+               full: bool = False) -> tuple[Tensor, list[sc.MoEOutput]]:
+        h, outs = self.decoder(self.embed_tokens(tgt_in), tgt_in == PAD, memory, src == PAD,
+                               split=self.split(tgt_in, rows, full))
         return h @ self.embed.weight.t(), outs  # (B, T, vocab)
 
-    def forward(self, src: Tensor, tgt_in: Tensor) -> tuple[Tensor, list[sc.MoEOutput]]:
-        memory, enc_outs = self.encode(src)
-        logits, dec_outs = self.decode(tgt_in, memory, src)
+    def forward(self, src: Tensor, tgt_in: Tensor, rows: Optional[list[int]] = None) -> tuple[Tensor, list[sc.MoEOutput]]:
+        memory, enc_outs = self.encode(src, rows)
+        logits, dec_outs = self.decode(tgt_in, memory, src, rows)
         return logits, enc_outs + dec_outs
 
-    def ledgers(self) -> list[sc.CommLedger]:
-        return [m.ledger for m in self.modules() if isinstance(getattr(m, "ledger", None), sc.CommLedger)]
+    def ledgers(self, rank: Optional[int] = None) -> list[sc.CommLedger]:
+        """The ledgers of the MoE and clustering layers; with a VirtualWorld and a rank, that rank's."""
+        return [m.ledger for m in self.modules() if isinstance(getattr(m, "ledger", None), sc.CommLedger)
+                and (rank is None or m.topology.rank == rank)]
 
 
 def expert_parameters(model: nn.Module) -> set[int]:
@@ -382,12 +448,13 @@ def expert_parameters(model: nn.Module) -> set[int]:
 
 
 @torch.no_grad()
-def greedy_decode(model: Translator, src: Tensor, memory: Tensor, max_len: int) -> Tensor:
+def greedy_decode(model: Translator, src: Tensor, memory: Tensor, max_len: int,
+                  rows: Optional[list[int]] = None) -> Tensor:
     """Greedy decoding for max_len steps on every rank (the MoE layers' collectives need every rank
     at every step), given the encoder's output `memory`; returns (B, max_len) token ids."""
     out = torch.full((src.shape[0], 1), BOS, dtype=torch.long, device=src.device)
     for _ in range(max_len):
-        logits, _ = model.decode(out, memory, src)
+        logits, _ = model.decode(out, memory, src, rows, full=True)
         out = torch.cat([out, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
     return out[:, 1:]
 
@@ -466,40 +533,51 @@ def cluster_route(args: argparse.Namespace, topo: sc.Topology) -> str:
 
 def build_model(args: argparse.Namespace, variant: Variant, task: Task, topo: sc.Topology,
                 device: torch.device) -> Translator:
+    """The model of this rank; with --threads, of every rank (a VirtualWorld of --nproc ranks in this process)."""
+    world = sc.VirtualWorld(*world_and_rpn(args)) if args.threads else None
+    shape = world.topologies[0] if world else topo
     moe_cfg = None if variant.moe == "dense" else moe_config(variant.apply(args))
     cfg = ModelConfig(vocab=task.vocab, d_model=args.d_model, d_ffn=args.d_ffn, layers=args.layers,
                       max_len=max(64, task.max_target_len() + 2), dropout=args.dropout, moe=variant.moe,
                       token_cluster=variant.token_cluster, reorder_layers=variant.reorder,
                       cluster_gate=variant.cluster_gate, cluster_assign=variant.cluster_assign,
-                      route_to=cluster_route(variant.apply(args), topo), decode_clustering=args.decode_clustering,
+                      route_to=cluster_route(variant.apply(args), shape), decode_clustering=args.decode_clustering,
                       moe_cfg=moe_cfg)
-    model = Translator(cfg, topo)
+    model = Translator(cfg, topo, world)
     init_shared(model, args.seed)
-    init_experts(model, args.seed, topo.rank)
+    init_experts(model, args.seed)
     return model.to(device)
 
 
 def init_shared(model: Translator, seed: int) -> None:
     """The replicated parameters from one seed, module by module, skipping the experts: the same on every
-    rank, and the same whatever the number of experts each rank holds."""
+    rank, and the same whatever the number of experts each rank holds (a module that Replicas shares, once)."""
     torch.manual_seed(seed)
+    done = set()
     for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Embedding)):
+        if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Embedding)) and id(m.weight) not in done:
             m.reset_parameters()
+            done.add(id(m.weight))
     nn.init.normal_(model.embed.weight, std=model.cfg.d_model**-0.5)  # as Translator does
 
 
-def init_experts(model: nn.Module, seed: int, rank: int) -> None:
+def init_experts(model: nn.Module, seed: int) -> None:
     """Expert e of expert module i starts from a generator seeded by (seed, i, e), e the global expert id:
-    the same model whatever the number of ranks it is spread over."""
-    for i, experts in enumerate(m for m in model.modules() if isinstance(m, sc.Experts)):
-        for j in range(experts.n):
-            state = np.random.SeedSequence([seed, i, rank * experts.n + j]).generate_state(1)[0]
-            g = torch.Generator().manual_seed(int(state))
-            with torch.no_grad():  # as nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
-                for w, b, fan_in in ((experts.w1, experts.b1, experts.d_model), (experts.w2, experts.b2, experts.d_ffn)):
-                    w[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
-                    b[j].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+    the same model whatever the number of ranks it is spread over (and whether they are processes or threads)."""
+    i = 0
+    for sub in [*model.encoder.subs, *model.decoder.subs]:
+        replicas = list(sub) if isinstance(sub, Replicas) else [sub]
+        for replica in replicas:  # each rank's expert modules, numbered as in its own model
+            for j, experts in enumerate(m for m in replica.modules() if isinstance(m, sc.Experts)):
+                for e in range(experts.n):
+                    state = np.random.SeedSequence([seed, i + j, replica.topology.rank * experts.n + e])
+                    g = torch.Generator().manual_seed(int(state.generate_state(1)[0]))
+                    with torch.no_grad():  # as nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                        for w, b, fan_in in ((experts.w1, experts.b1, experts.d_model),
+                                             (experts.w2, experts.b2, experts.d_ffn)):
+                            w[e].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+                            b[e].uniform_(-fan_in**-0.5, fan_in**-0.5, generator=g)
+        i += sum(isinstance(m, sc.Experts) for m in replicas[0].modules())
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -519,7 +597,7 @@ def fingerprint(args: argparse.Namespace, variant: Variant, world: int, ranks_pe
     """The run's settings a checkpoint records and --resume compares, keyed as the user sees them."""
     a = vars(variant.apply(args))
     return {"variant": variant.name, **{f"--{k.replace('_', '-')}": a[k] for k in FINGERPRINT_FLAGS},
-            "ranks": world, "--ranks-per-node": ranks_per_node}
+            "ranks": world, "--ranks-per-node": ranks_per_node, **({"--threads": True} if a.get("threads") else {})}
 
 
 def ckpt_dir(args: argparse.Namespace, variant: Variant) -> str:
@@ -566,7 +644,7 @@ def save_checkpoint(args, variant, model, opt_shared, opt_experts, state: RunSta
         atomic_save({"step": state.step, "shared": shared, "optimizer": opt_shared.state_dict(),
                      "state": state.__dict__}, os.path.join(step_dir, "shared.pt"))
         digests["shared.pt"] = file_sha256(os.path.join(step_dir, "shared.pt"))
-        manifest = {"step": state.step, "fingerprint": fingerprint(args, variant, topo.world_size, topo.ranks_per_node),
+        manifest = {"step": state.step, "fingerprint": fingerprint(args, variant, *world_and_rpn(args)),
                     "sha256": digests}
         path = manifest_path(root, state.step)
         with open(f"{path}.tmp", "w") as f:
@@ -636,28 +714,36 @@ def sync_shared_gradients(model: nn.Module, experts: set[int]) -> None:
 
 
 def evaluate(model: Translator, task: Task, topo: sc.Topology, device: torch.device, limit: int) -> dict:
-    """The validation set, split over the ranks: greedy decoding for corpus BLEU and exact match, and the
-    teacher-forced cross-entropy and token accuracy (no decoding involved); the scores on rank 0."""
+    """The validation set, split over the ranks (rank r: sentences r, r + W, ...): greedy decoding for corpus BLEU and
+    exact match, and the teacher-forced cross-entropy and token accuracy (no decoding involved); the scores on
+    rank 0. With a VirtualWorld this process holds every rank, and each batch is every rank's batch side by side."""
     model.eval()
     valid = task.valid[:limit]
-    mine = valid[topo.rank::topo.world_size]
-    per_rank = math.ceil(len(valid) / topo.world_size)
-    hyps, ce, correct, count = [], 0.0, 0, 0
-    for start in range(0, per_rank, 100):  # every rank runs the same number of batches
-        pairs = mine[start:start + 100] or valid[:1]  # a rank with nothing left decodes a dummy
-        src, tgt_in, tgt_out = (t.to(device) for t in collate(pairs))
+    W = model.world.world_size if model.world else topo.world_size
+    held = range(W) if model.world else [topo.rank]
+    mine = {r: valid[r::W] for r in held}
+    hyps, ce, correct, count = {r: [] for r in held}, 0.0, 0, 0
+    for start in range(0, math.ceil(len(valid) / W), 100):  # every rank runs the same number of batches
+        parts = {r: mine[r][start:start + 100] for r in held}
+        batches = [parts[r] or valid[:1] for r in held]  # a rank with nothing left decodes a dummy
+        rows = [len(b) for b in batches] if model.world else None
+        src, tgt_in, tgt_out = (t.to(device) for t in collate([pair for b in batches for pair in b]))
         with torch.no_grad():
-            memory, _ = model.encode(src)  # one encoder pass serves the decoding and the teacher-forced loss
-            logits, _ = model.decode(tgt_in, memory, src)
-        out = greedy_decode(model, src, memory, task.max_target_len() + 1).cpu()
-        if mine[start:start + 100]:
-            hyps += [decode_ids(task, row) for row in out]
-            real = tgt_out != PAD
-            ce += float(F.cross_entropy(logits[real], tgt_out[real], reduction="sum"))
-            correct += int((logits[real].argmax(-1) == tgt_out[real]).sum())
-            count += int(real.sum())
-    refs = [[task.itos[t] for t in tgt] for _, tgt in mine]
-    every = gather_objects((hyps, refs, ce, correct, count))
+            memory, _ = model.encode(src, rows)  # one encoder pass serves the decoding and the teacher-forced loss
+            logits, _ = model.decode(tgt_in, memory, src, rows)
+        out = greedy_decode(model, src, memory, task.max_target_len() + 1, rows).cpu()
+        first = 0
+        for r, batch in zip(held, batches):
+            if parts[r]:
+                these = slice(first, first + len(batch))
+                hyps[r] += [decode_ids(task, row) for row in out[these]]
+                real = tgt_out[these] != PAD
+                ce += float(F.cross_entropy(logits[these][real], tgt_out[these][real], reduction="sum"))
+                correct += int((logits[these][real].argmax(-1) == tgt_out[these][real]).sum())
+                count += int(real.sum())
+            first += len(batch)
+    refs = [[task.itos[t] for t in tgt] for r in held for _, tgt in mine[r]]
+    every = gather_objects(([h for r in held for h in hyps[r]], refs, ce, correct, count))
     model.train()
     for ledger in model.ledgers():
         ledger.reset()  # evaluation traffic does not count in the training bytes
@@ -711,8 +797,9 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         torch.manual_seed(args.seed * 7919 + topo.rank)  # dropout: different on every rank
 
     n_params = sum(p.numel() for p in shared_params) + sum(topo.gather_counts(sum(p.numel() for p in expert_params)))
-    print0(f"[{variant.name}] {n_params / 1e6:.2f}M parameters, {topo.world_size} ranks "
-           f"({topo.num_nodes} node(s) x {topo.ranks_per_node}), {args.experts} experts, "
+    W, G = world_and_rpn(args)
+    print0(f"[{variant.name}] {n_params / 1e6:.2f}M parameters, {W} ranks ({W // G} node(s) x {G}"
+           f"{', threads of one process' if args.threads else ''}), {args.experts} experts, "
            f"layers: enc {' '.join(model.encoder.plan)} | dec {' '.join(model.decoder.plan)}")
     started, first_step, saved = time.perf_counter(), state.step, state.step if step_dir else None
     forward = torch.compile(model, dynamic=True) if args.compile else model  # the same parameters
@@ -746,8 +833,9 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         accepted = torch.stack([r.load.sum() for r in routings]).sum() if routings else ce.new_zeros(())
         sent = [sum(led.total(link=link) for led in model.ledgers()) for link in sc.LINK_CLASSES]  # host ints
         if state.step + 1 == args.steps:  # the rank-by-rank bytes of one step, for the demo's picture
-            state.byte_matrix = gather_objects([sum(led.to_rank.get(r, 0) for led in model.ledgers())
-                                                for r in range(topo.world_size)])
+            held = range(W) if args.threads else [None]  # None: this process's one rank
+            matrix = [[sum(led.to_rank.get(r, 0) for led in model.ledgers(rank)) for r in range(W)] for rank in held]
+            state.byte_matrix = matrix if args.threads else gather_objects(matrix[0])
         for ledger in model.ledgers():
             ledger.reset()
         # a finite loss can still have non-finite gradients, which leave non-finite weights
@@ -798,9 +886,9 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         "cluster_gate": variant.cluster_gate if variant.token_cluster else None,
         "cluster_assign": variant.cluster_assign if variant.token_cluster else None,
         "ratio1": args.ratio1 if variant.moe in ("seq", "feat") else None,
-        "ratio2": args.ratio2 if variant.moe in ("seq", "feat") else None, "world_size": topo.world_size,
-        "byte_matrix": state.byte_matrix,
-        "ranks_per_node": topo.ranks_per_node, "experts": args.experts, "languages": args.languages,
+        "ratio2": args.ratio2 if variant.moe in ("seq", "feat") else None, "world_size": W,
+        "byte_matrix": state.byte_matrix, "threads": args.threads,
+        "ranks_per_node": G, "experts": args.experts, "languages": args.languages,
         "layers": args.layers, "batch": args.batch, "evals": state.evals + [
             {"step": state.step, "bleu": scores["bleu"], "valid_loss": scores["valid_loss"]}],
         "capacity_factor": args.capacity_factor, "seed": args.seed, "steps": state.step,
@@ -835,7 +923,7 @@ def try_pyplot():
     return plt
 
 
-def report(results: list[dict], args: argparse.Namespace, topo: sc.Topology) -> None:
+def report(results: list[dict], args: argparse.Namespace) -> None:
     """Print the table and the rank-by-rank traffic of one step; write results-NNNN.json, the next free
     number (an earlier run's results are kept), its copy results.json (the newest), and results.png."""
     os.makedirs(args.out, exist_ok=True)
@@ -849,11 +937,12 @@ def report(results: list[dict], args: argparse.Namespace, topo: sc.Topology) -> 
             continue
     shutil.copyfile(path, os.path.join(args.out, "results.json.tmp"))
     os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
-    G, W = topo.ranks_per_node, topo.world_size
+    G, W = results[0]["ranks_per_node"], results[0]["world_size"]
     for r in results:
-        r["cluster_step_s"] = predict(r["step_time_s"], link_bytes(r["byte_matrix"], G), topo, args)
+        r["cluster_step_s"] = predict(r["step_time_s"], link_bytes(r["byte_matrix"], G), G, args)
     base = next((r for r in results if r["moe"] == "gshard" and not r["token_cluster"]), results[0])
-    print(f"\n{W} ranks as {topo.num_nodes} node(s) x {G}; step s measured on this machine ({W} processes on "
+    where = f"{W} threads of one process on {results[0]['device']}" if results[0]["threads"] else f"{W} processes"
+    print(f"\n{W} ranks as {W // G} node(s) x {G}; step s measured on this machine ({where} on "
           f"{os.cpu_count()} cores); predicted on a cluster of the same shape with {args.gbps_intra_node:g} Gbit/s "
           f"per rank inside a node and {args.gbps_inter_node:g} Gbit/s per node between nodes")
     print(f"{'variant':<14} {'BLEU':>5} {'valid loss':>10} {'MB/step dev':>11} {'node':>6} {'inter':>6} "
@@ -1159,10 +1248,10 @@ def link_load(per_rank: list[dict], G: int) -> tuple[int, int]:
     return intra, inter
 
 
-def predict(compute_s: float, per_rank: list[dict], topo: sc.Topology, args: argparse.Namespace) -> float:
+def predict(compute_s: float, per_rank: list[dict], G: int, args: argparse.Namespace) -> float:
     """The cost model: compute-only time plus each link's load over its rate (intra-node: one rank's bytes over
     --gbps-intra-node; inter-node: one node's bytes over --gbps-inter-node). Latency and overlap are ignored."""
-    intra, inter = link_load(per_rank, topo.ranks_per_node)
+    intra, inter = link_load(per_rank, G)
     return compute_s + intra * 8 / (args.gbps_intra_node * 1e9) + inter * 8 / (args.gbps_inter_node * 1e9)
 
 
@@ -1183,7 +1272,7 @@ def break_even_gbps(compute: tuple[float, float], per_rank: tuple[list, list], G
 def report_bench(args, topo, cfg, dtype, device, times, every_rank, profiles) -> None:
     med = {key: statistics.median(ts) for key, ts in times.items()}
     kinds, G = BENCH_KINDS, topo.ranks_per_node
-    predicted = {k: predict(med[k, "compute"], [r[k] for r in every_rank], topo, args) for k in kinds}
+    predicted = {k: predict(med[k, "compute"], [r[k] for r in every_rank], G, args) for k in kinds}
     gshard_bytes = [r["gshard"] for r in every_rank]
     rows = []
     for k in kinds:
@@ -1409,6 +1498,9 @@ def _flags_processes() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("processes")
     g.add_argument("--nproc", type=int, default=4, help="CPU processes to spawn when not under torchrun")
+    g.add_argument("--threads", action="store_true",
+                   help="run the --nproc ranks as threads of one process on one device (a GPU, or the CPU), not as "
+                        "processes: the same model, data and training (train, demo, sweep)")
     g.add_argument("--ranks-per-node", type=int, default=None,
                    help="ranks per (emulated) node; default 2 when spawning, LOCAL_WORLD_SIZE under torchrun")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -1587,8 +1679,12 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         p.error("--device cuda: no CUDA device is visible; use --device cpu")
     if args.backend == "nccl" and args.device != "cuda" and not ("RANK" in os.environ and torch.cuda.is_available()):
         p.error("--backend nccl needs CUDA tensors: add --device cuda and launch with torchrun")
-    if args.device == "cuda" and "RANK" not in os.environ and args.nproc > 1:
-        p.error("--device cuda with several processes: launch with torchrun (spawned processes run on the CPU)")
+    if a.get("threads") and (args.command not in ("train", "demo", "sweep") or "RANK" in os.environ):
+        p.error("--threads runs the ranks of train, demo or sweep as threads of one process: use it with one of "
+                "them, and without torchrun")
+    if args.device == "cuda" and "RANK" not in os.environ and args.nproc > 1 and not a.get("threads"):
+        p.error("--device cuda with several processes: launch with torchrun (spawned processes run on the CPU), or "
+                "add --threads to run the ranks as threads of one process on the GPU")
     if "out" in a:  # last: a command line refused above creates no folder
         check_writable(args.out, "--out", p)
         if a.get("ckpt_every"):
@@ -1639,7 +1735,8 @@ def check_checkpoints(args: argparse.Namespace, p: argparse.ArgumentParser) -> N
                 print(f"--resume-or-start: no complete checkpoint in {root}: starting afresh", file=sys.stderr)
             continue
         now, then = fingerprint(run_args, variant, world, rpn), found["fingerprint"]
-        if diff := [f"{k} {v} (checkpoint: {then.get(k)})" for k, v in now.items() if then.get(k) != v]:
+        if diff := [f"{k} {now.get(k, 'not given')} (checkpoint: {then.get(k, 'not given')})"
+                    for k in {**now, **then} if then.get(k) != now.get(k)]:
             p.error(f"--resume: {manifest_path(root, found['step'])} was written with other settings: "
                     f"{', '.join(diff)}; pass the checkpoint's values, or use another --out")
         if args.steps < found["step"]:
@@ -1749,7 +1846,7 @@ def run(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> No
                    f"teacher-forced valid loss {result['valid_loss']:.3f} and token accuracy "
                    f"{result['valid_accuracy']:.3f}; e.g. {result['example']['hyp']!r} for {result['example']['ref']!r}")
     if topo.rank == 0:
-        report(results, args, topo)
+        report(results, args)
 
 
 def task_config(args: argparse.Namespace) -> TaskConfig:
@@ -1779,7 +1876,7 @@ def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Opti
             store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         backend = args.backend if args.backend != "auto" else "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    return sc.build_topology(world_and_rpn(args)[1]), device
+    return sc.build_topology(1 if args.threads else world_and_rpn(args)[1]), device
 
 
 def inject_fault(args: argparse.Namespace, step: int, topo: sc.Topology, model: nn.Module) -> None:
@@ -1834,7 +1931,7 @@ def launch(args: argparse.Namespace) -> None:
                 sys.exit(f"--overwrite: cannot delete {root} ({e.strerror}): delete it yourself, or use another --out")
     if "RANK" in os.environ:
         _worker(int(os.environ["RANK"]), args, int(os.environ["WORLD_SIZE"]), None)
-    elif args.nproc == 1:
+    elif args.nproc == 1 or args.threads:
         _worker(0, args, 1, None)
     else:
         with socket.socket() as s:
