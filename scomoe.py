@@ -95,14 +95,15 @@ class Meeting:
         self.barrier.wait()
         values = list(self.slots)
         self.barrier.wait()
+        self.slots[index] = None  # read by all: hold no tensor (and its graph) until the next meeting
         return values
 
 @dataclass(frozen=True)
 class VirtualGroup(CommGroup):
     """A group of a VirtualWorld: its members are threads of this process, and an all-to-all between them is a
     concatenation of their tensors' slices, an ordinary differentiable operation (see VirtualWorld)."""
-    meeting: Optional[Meeting] = None
-    index: int = 0  # this rank's place in the group
+    meeting: Meeting  # shared by the group's members
+    index: int  # this rank's place in the group
 
     def all_to_all(self, x: Tensor, send: list[int], recv: list[int], ledger: Optional[CommLedger], tag: str) -> Tensor:
         chunks = self.meeting.swap(self.index, x.split(send))  # every member's rows, cut by destination
@@ -150,11 +151,12 @@ class Topology:
         return [values[0] for values in self.gather_lists([count])]
 
     def gather_lists(self, values: Sequence[int]) -> list[list[int]]:
-        """Every rank's list of host integers (as long on every rank), in rank order, over a gloo group on the CPU, so
-        that a GPU stream never waits on it. Under local copies every rank holds this rank's values."""
+        """Every rank's list of host integers (as long on every rank), in rank order, over a gloo group on the CPU (or
+        between the threads of a VirtualWorld), so that a GPU stream never waits on it. Under local copies every rank
+        holds this rank's values."""
         if self.world_size == 1 or self.local_copy:
             return [list(values)] * self.world_size
-        if isinstance(self.world, VirtualGroup):
+        if isinstance(self.world, VirtualGroup):  # the world's meeting, as its all-to-alls: one order on every rank
             return [list(v) for v in self.world.meeting.swap(self.world.index, list(values))]
         mine = torch.tensor(list(values), dtype=torch.int64)
         every = [torch.zeros_like(mine) for _ in range(self.world_size)]
@@ -191,14 +193,17 @@ def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
     return Topology(rank, world_size, G, N, node_rank, local_rank, comm_group("local", [[rank]], 0), node,
                     comm_group("world", [list(range(world_size))], 0), peers, host_group)
 
+def _check_world(world_size: int, ranks_per_node: int, rank: int = 0) -> None:
+    if not (isinstance(ranks_per_node, int) and ranks_per_node >= 1 and isinstance(world_size, int)
+            and world_size % ranks_per_node == 0 and 0 <= rank < world_size):
+        raise ValueError(f"a world of {world_size} ranks, {ranks_per_node} per node, rank {rank}: the world must be a "
+                         f"positive multiple of ranks_per_node and 0 <= rank < world_size")
+
 def emulated_topology(world_size: int, ranks_per_node: int, rank: int = 0) -> Topology:
     """Rank `rank` of a world of W ranks, G per node, in this one process, every collective a local copy: the
     benchmark's compute-only run of a cluster it does not have. Shapes and the ledger's bytes are a real run's, every
     rank assumed to hold as many tokens as this one."""
-    if not (isinstance(ranks_per_node, int) and ranks_per_node >= 1 and isinstance(world_size, int)
-            and world_size % ranks_per_node == 0 and 0 <= rank < world_size):
-        raise ValueError(f"an emulated world of {world_size} ranks, {ranks_per_node} per node, rank {rank}: the world "
-                         f"must be a positive multiple of ranks_per_node and 0 <= rank < world_size")
+    _check_world(world_size, ranks_per_node, rank)
     G, N = ranks_per_node, world_size // ranks_per_node
 
     def copy_group(name: str, ranks: Sequence[int]) -> CommGroup:
@@ -212,10 +217,11 @@ class VirtualWorld:
     """W ranks, G per node, in this one process, one thread per rank: every rank's layers run as they would in their
     own process, and the same model trains on one device (a GPU, or a CPU without extra processes). A collective is a
     meeting of threads, an all-to-all a differentiable concatenation of their tensors, so one backward through the sum
-    of every rank's loss gives each parameter the gradient that W processes would (the replicated ones summed)."""
+    of every rank's loss gives each parameter the gradient that W processes would (the replicated ones summed).
+    Random draws inside the threads (dropout) share torch's one generator, in an order the threads' timing decides."""
 
     def __init__(self, world_size: int, ranks_per_node: int) -> None:
-        emulated_topology(world_size, ranks_per_node)  # the same checks of the shape
+        _check_world(world_size, ranks_per_node)
         self.world_size, self.ranks_per_node = world_size, ranks_per_node
         G, W = ranks_per_node, world_size
         sets = {"node": [list(range(n, n + G)) for n in range(0, W, G)], "peers": [list(range(s, W, G)) for s in range(G)],
@@ -325,8 +331,8 @@ def all_to_all(x: Tensor, group: CommGroup, send_splits: Splits = None, recv_spl
     if send_splits is None and x.shape[0] % group.size != 0:
         raise ValueError(f"{x.shape[0]} rows do not split evenly over {group.size} ranks: pass send/recv splits")
     if isinstance(group, VirtualGroup):
-        even = [x.shape[0] // group.size] * group.size
-        return group.all_to_all(x, send_splits or even, recv_splits or even, ledger, tag)
+        send_splits = send_splits or [x.shape[0] // group.size] * group.size
+        return group.all_to_all(x, send_splits, recv_splits or send_splits, ledger, tag)
     return _AllToAll.apply(x, group, send_splits, recv_splits, ledger, tag)
 
 # --- 3. Configuration -------------------------------------------------------------------------------------------------
@@ -389,10 +395,10 @@ class Routing(NamedTuple):
     """Where each token goes: the result of a gate, as index tensors."""
     expert: Tensor  # (t, k) long: chosen experts, indices into the gate's experts
     slot: Tensor  # (t, k) long: position in that expert's buffer (meaningful where kept)
-    place: Tensor  # (t, k) long: row expert * c + slot of the (e * c)-row buffer; -1 where not kept
+    place: Tensor  # (t, k) long: the slot's row in the buffer (expert * c + slot); -1 where not kept
     weight: Tensor  # (t, k) combine weight; 0 where dropped or padding
     kept: Tensor  # (t, k) bool: the assignment fit into the expert's capacity
-    token: Tensor  # (e * c,) long: the token each slot holds; -1 if empty
+    token: Tensor  # (e * c,) long: the token each slot (buffer row) holds; -1 if empty
     capacity: int | Sequence[int]  # c: buffer slots per expert (or a list, one per expert: then `token` has their sum)
     aux_loss: Tensor  # () load-balancing loss (a gate per segment of experts: (segments,))
     count: Tensor  # (k, e) long: real assignments each expert got, by choice, before capacity
@@ -488,7 +494,7 @@ def top2_gating(logits: Tensor, capacity: int | Sequence[int], pad_mask: Optiona
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in float32 at least
     gates = logits.softmax(dim=-1)  # (t, e)   g = softmax(x W_g)
     first = gates.argmax(dim=-1)  # (t,)
-    expert, allowed = first[:, None], real  # (t, 1)
+    expert, allowed, has_second = first[:, None], real, None  # (t, 1)
     if k == 2:
         others = logits.scatter(1, first[:, None], float("-inf"))  # (t, e): the first choice removed
         if second_expert == "sampling":  # fairseq's policy: Gumbel noise on the logits
@@ -505,6 +511,8 @@ def top2_gating(logits: Tensor, capacity: int | Sequence[int], pad_mask: Optiona
                 if batch_prioritized else None)  # (t,)
     slot, kept, place, token, count = assign_slots(expert, allowed, e, capacity, priority)
     gate = gates.gather(1, expert)  # (t, k)   g_1, g_2
+    if has_second is not None:  # no second choice: its gate is 0 (what argmax found in an all -inf row is not one)
+        gate = gate * torch.cat([torch.ones_like(has_second), has_second], dim=1)
     if normalize_before_drop:  # GShard's paper: g_i <- g_i / (g_1 + g_2) before the capacity check
         weight = gate / gate.sum(dim=-1, keepdim=True) * kept
     else:  # fairseq: the kept weights renormalised
@@ -514,7 +522,7 @@ def top2_gating(logits: Tensor, capacity: int | Sequence[int], pad_mask: Optiona
     return Routing(expert, slot, place, weight, kept, token, capacity, aux_loss, count)
 
 def dispatch(x: Tensor, routing: Routing, num_experts: int, rows: Optional[Tensor] = None) -> Tensor:
-    """Each expert's tokens in its capacity buffer: (t, d) -> (e, c, d), or (slots, d) for a list of capacities.
+    """Each expert's tokens in its capacity buffer: (t, d) -> (num_experts, c, d), or (slots, d) for a list of capacities.
     `rows` (gate positions,): the row of x each position of the gate is (None: the same). An empty slot holds a copy
     of row 0 that `combine` never reads, so its gradient is 0 (the experts map a zero gradient row to zeros)."""
     token = routing.token.clamp(min=0)  # (slots,)
@@ -718,10 +726,10 @@ class SCoMoESeq(_MoELayer):
         order = torch.cat([idx for _, idx, _, _ in runs])  # (t_run,): the tokens tier by tier, each in token order
         # one gate for all tiers: a tier's rows hold its experts' logits in its own columns, -inf elsewhere
         widths = [e for *_, e in runs]
-        lefts = [sum(widths[:j]) for j in range(len(runs))]
-        rows = logits.index_select(0, order).split([idx.shape[0] for _, idx, _, _ in runs])
-        gate_logits = torch.cat([F.pad(r[:, first:first + e], (left, sum(widths) - left - e), value=float("-inf"))
-                                 for r, (_, _, first, e), left in zip(rows, runs, lefts)])  # (t_run, sum(widths))
+        lefts = itertools.accumulate(widths[:-1], initial=0)  # each tier's first column
+        tier_logits = logits.index_select(0, order).split([idx.shape[0] for _, idx, _, _ in runs])
+        gate_logits = torch.cat([F.pad(lg[:, first:first + e], (left, sum(widths) - left - e), value=float("-inf"))
+                                 for lg, (_, _, first, e), left in zip(tier_logits, runs, lefts)])  # (t_run, sum(widths))
         routing = top2_gating(gate_logits, [tier.capacity for tier, *_, e in runs for _ in range(e)],
                               None if pad_mask is None else pad_mask.index_select(0, order),
                               second_expert=cfg.second_expert, normalize_before_drop=cfg.normalize_before_drop,
@@ -737,14 +745,16 @@ class SCoMoESeq(_MoELayer):
         return MoEOutput(y, _mean_aux(losses, x), tiers)
 
 def tier_routings(routing: Routing, runs: list[tuple[Tier, Tensor, int, int]]) -> dict[str, TierRouting]:
-    """Each tier's share of Seq's one gate, in the tier's own numbering (its tokens, experts and buffer rows)."""
+    """Each tier's share of Seq's one gate, in the tier's own numbering (its tokens, experts and buffer rows; a tier of
+    one expert has one choice per token, as its own gate would)."""
     out, top, left, row = {}, 0, 0, 0
     for j, (tier, idx, first, e) in enumerate(runs):
-        t, c = idx.shape[0], tier.capacity
-        kept, token = routing.kept[top:top + t], routing.token[row:row + e * c]
-        part = Routing(routing.expert[top:top + t] - left, routing.slot[top:top + t],
-                       torch.where(kept, routing.place[top:top + t] - row, -1), routing.weight[top:top + t], kept,
-                       torch.where(token >= 0, token - top, -1), c, routing.aux_loss[j], routing.count[:, left:left + e])
+        (t, c), k = (idx.shape[0], tier.capacity), min(2, e)
+        rows = slice(top, top + t)
+        kept, token = routing.kept[rows, :k], routing.token[row:row + e * c]
+        part = Routing(routing.expert[rows, :k] - left, routing.slot[rows, :k],
+                       torch.where(kept, routing.place[rows, :k] - row, -1), routing.weight[rows, :k], kept,
+                       torch.where(token >= 0, token - top, -1), c, routing.aux_loss[j], routing.count[:k, left:left + e])
         out[tier.name] = TierRouting(idx, first, part)
         top, left, row = top + t, left + e, row + e * c
     return out

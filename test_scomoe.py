@@ -865,6 +865,18 @@ def test_virtual_world_releases_every_rank_on_an_error():
     assert world.run(lambda r: world.topologies[r].gather_counts(r)) == [[0, 1, 2, 3]] * 4
 
 
+def test_seq_with_one_expert_per_rank_and_normalize_before_drop_matches_reference(workers):
+    """A tier of one expert (the local tier with one expert per rank) gets no second choice, also when the weights
+    are normalised before dropping (GShard's paper): its one expert's weight stays 1; the tier's routing has k = 1."""
+    cfg = dict(d_model=6, d_ffn=10, num_experts=4, ratio1=0.4, ratio2=0.3, capacity_factor=1.0,
+               normalize_before_drop=True)
+    workers.run(check_against_reference, "seq", 2, cfg, COUNTS, 7)
+    layer = sc.SCoMoESeq(sc.MoEConfig(**cfg), sc.build_topology())  # one rank: 4 experts local and in the node
+    one = sc.SCoMoESeq(sc.MoEConfig(**{**cfg, "num_experts": 1}), sc.build_topology())
+    assert layer(torch.randn(10, 6)).tiers["local"].routing.expert.shape == (4, 2)  # int(0.4 * 10) tokens
+    assert one(torch.randn(10, 6)).tiers["local"].routing.expert.shape == (4, 1)
+
+
 def test_seq_with_binding_capacity_matches_reference(workers):
     """SCoMoE-Seq with capacity factor 0.5 drops assignments in its tiers and still equals the reference."""
     cfg = dict(d_model=6, d_ffn=10, num_experts=8, ratio1=0.2, ratio2=0.5, capacity_factor=0.5)
@@ -2265,7 +2277,7 @@ def test_emulated_topology():
     assert topo.local_copy and topo.gather_counts(3) == [3] * 8
     assert topo.peers.links == ("inter_node", "intra_device") and topo.node.links[0] == "intra_node"
     for bad in [(6, 4, 0), (8, 4, 8), (8, 0, 0)]:
-        with pytest.raises(ValueError, match="emulated world"):
+        with pytest.raises(ValueError, match="a world of .* ranks"):
             sc.emulated_topology(*bad)
 
 

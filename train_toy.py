@@ -298,7 +298,7 @@ class Replicas(nn.ModuleList):
     def __init__(self, modules: list[nn.Module]) -> None:
         super().__init__(modules)
         first = dict(modules[0].named_modules())
-        for replica in modules[1:]:
+        for replica in modules[1:]:  # the parameter itself, not a copy: one tensor, one gradient, one Adam state
             for name, m in replica.named_modules():
                 if not isinstance(m, sc.Experts):
                     for key in list(m._parameters):
@@ -358,7 +358,7 @@ class Stack(nn.Module):
                 else:
                     starts = list(itertools.accumulate(split[0], initial=0))
 
-                    def rank_run(r: int, i: int = i, end: int = end) -> tuple[Tensor, list[sc.MoEOutput]]:
+                    def rank_run(r: int) -> tuple[Tensor, list[sc.MoEOutput]]:  # runs before i moves on
                         rows, width = slice(starts[r], starts[r + 1]), split[1][r]  # this rank's batch
                         y, rank_outs = self.flat([sub[r] for sub in self.subs[i:end]], self.plan[i:end],
                                                  h[rows, :width].reshape(-1, d), pad[rows, :width].reshape(-1))
@@ -420,7 +420,7 @@ class Translator(nn.Module):
         if full:
             return rows, [ids.shape[1]] * W
         ends = torch.where(ids != PAD, torch.arange(1, ids.shape[1] + 1, device=ids.device), 0).amax(dim=1)  # (B,)
-        return rows, [int(e.max()) for e in ends.split(rows)] if ids.shape[1] else [0] * W
+        return rows, torch.stack([e.max() for e in ends.split(rows)]).tolist()
 
     def encode(self, src: Tensor, rows: Optional[list[int]] = None) -> tuple[Tensor, list[sc.MoEOutput]]:
         return self.encoder(self.embed_tokens(src), src == PAD, split=self.split(src, rows))
@@ -621,8 +621,8 @@ def atomic_save(obj, path: str) -> None:
 
 
 def save_checkpoint(args, variant, model, opt_shared, opt_experts, state: RunState, topo: sc.Topology) -> None:
-    """Shared parameters and their optimizer once (rank 0), each rank's experts, optimizer and RNG in its
-    own file, in a directory per step; then, last, rank 0 writes the step's manifest (the run's
+    """Shared parameters and their optimizer once (rank 0), each process's experts (with --threads, every
+    rank's), optimizer and RNG in its own file, in a directory per step; then, last, rank 0 writes the step's manifest (the run's
     fingerprint and every file's sha256). A step without its manifest was not completely saved."""
     root = ckpt_dir(args, variant)
     step_dir = os.path.join(root, f"step{state.step:06d}")
@@ -699,11 +699,11 @@ def load_checkpoint(step_dir: str, model, opt_shared, opt_experts, topo: sc.Topo
 
 def sync_shared_gradients(model: nn.Module, experts: set[int]) -> None:
     """All-reduce (sum) the gradients of the replicated parameters in one flat buffer."""
-    if not dist.is_initialized():
-        return
-    for p in model.parameters():  # a parameter this rank did not use still takes part, with gradient 0
+    for p in model.parameters():  # a parameter no rank used has gradient 0 (Adam moves it as on any world size)
         if id(p) not in experts and p.grad is None:
             p.grad = torch.zeros_like(p)
+    if not dist.is_initialized():
+        return
     grads = [p.grad for p in model.parameters() if id(p) not in experts]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -1500,7 +1500,8 @@ def _flags_processes() -> argparse.ArgumentParser:
     g.add_argument("--nproc", type=int, default=4, help="CPU processes to spawn when not under torchrun")
     g.add_argument("--threads", action="store_true",
                    help="run the --nproc ranks as threads of one process on one device (a GPU, or the CPU), not as "
-                        "processes: the same model, data and training (train, demo, sweep)")
+                        "processes: the same model, data and training (train, demo, sweep); dropout masks come "
+                        "from one random stream, so with dropout a run does not repeat bit for bit")
     g.add_argument("--ranks-per-node", type=int, default=None,
                    help="ranks per (emulated) node; default 2 when spawning, LOCAL_WORLD_SIZE under torchrun")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -1682,6 +1683,8 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     if a.get("threads") and (args.command not in ("train", "demo", "sweep") or "RANK" in os.environ):
         p.error("--threads runs the ranks of train, demo or sweep as threads of one process: use it with one of "
                 "them, and without torchrun")
+    if a.get("threads") and a.get("compile"):
+        p.error("--compile cannot trace the threads of --threads: pass one of them")
     if args.device == "cuda" and "RANK" not in os.environ and args.nproc > 1 and not a.get("threads"):
         p.error("--device cuda with several processes: launch with torchrun (spawned processes run on the CPU), or "
                 "add --threads to run the ranks as threads of one process on the GPU")
