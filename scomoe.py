@@ -83,20 +83,47 @@ class LocalCopyGroup(CommGroup):
         out[:n].copy_(x[:n])
         out[n:].zero_()
 
+class Turns:
+    """The threads of a VirtualWorld take turns: one runs at a time, keeps the turn until it waits at a meeting or
+    ends, and then the lowest rank that can go on takes it. So their work, random draws included, has one order."""
+
+    def __init__(self) -> None:
+        self.cv, self.ready, self.holder, self.broken = threading.Condition(), set(), None, False
+
+    def hand_on(self) -> None:  # with cv held
+        if self.holder is None and self.ready:
+            self.holder = min(self.ready)
+            self.ready.discard(self.holder)
+            self.cv.notify_all()
+
+    def wait_for_turn(self, rank: int, until=lambda: True) -> None:  # with cv held
+        while not (self.holder == rank and until()):
+            if self.broken:
+                raise RuntimeError("another rank of the VirtualWorld failed")
+            self.cv.wait()
+
 class Meeting:
-    """Where the threads of a VirtualWorld's group hand each other values: each member leaves its own, waits for the
-    others, and takes every member's; a second wait keeps the slots until all have read them."""
+    """Where the threads of a VirtualWorld's group hand each other values: each member leaves its own and gives up the
+    turn; the last to come takes every member's values, and each member gets them when its turn comes again."""
 
-    def __init__(self, size: int) -> None:
-        self.barrier, self.slots = threading.Barrier(size), [None] * size
+    def __init__(self, size: int, turns: Turns) -> None:
+        self.size, self.turns = size, turns
+        self.slots, self.waiting, self.values, self.done = [None] * size, [], None, 0
 
-    def swap(self, index: int, value):
-        self.slots[index] = value
-        self.barrier.wait()
-        values = list(self.slots)
-        self.barrier.wait()
-        self.slots[index] = None  # read by all: hold no tensor (and its graph) until the next meeting
-        return values
+    def swap(self, index: int, rank: int, value):
+        turns = self.turns
+        with turns.cv:
+            self.slots[index] = value
+            if len(self.waiting) + 1 < self.size:  # wait for the others: the turn passes on
+                self.waiting.append(rank)
+                done, turns.holder = self.done, None
+                turns.hand_on()
+                turns.wait_for_turn(rank, lambda: self.done > done)
+            else:  # the last to come: everyone's values, the waiting members can go on when their turn comes
+                self.values, self.slots, self.done = list(self.slots), [None] * self.size, self.done + 1
+                turns.ready.update(self.waiting)
+                self.waiting = []
+            return self.values
 
 @dataclass(frozen=True)
 class VirtualGroup(CommGroup):
@@ -106,7 +133,7 @@ class VirtualGroup(CommGroup):
     index: int  # this rank's place in the group
 
     def all_to_all(self, x: Tensor, send: list[int], recv: list[int], ledger: Optional[CommLedger], tag: str) -> Tensor:
-        chunks = self.meeting.swap(self.index, x.split(send))  # every member's rows, cut by destination
+        chunks = self.meeting.swap(self.index, self.ranks[self.index], x.split(send))  # every member's rows, by destination
         out = torch.cat([rows[self.index] for rows in chunks])
         if ledger is not None:
             row_bytes = math.prod(x.shape[1:]) * x.element_size()
@@ -157,7 +184,7 @@ class Topology:
         if self.world_size == 1 or self.local_copy:
             return [list(values)] * self.world_size
         if isinstance(self.world, VirtualGroup):  # the world's meeting, as its all-to-alls: one order on every rank
-            return [list(v) for v in self.world.meeting.swap(self.world.index, list(values))]
+            return [list(v) for v in self.world.meeting.swap(self.world.index, self.rank, list(values))]
         mine = torch.tensor(list(values), dtype=torch.int64)
         every = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine, group=self.host_group)
@@ -218,7 +245,7 @@ class VirtualWorld:
     own process, and the same model trains on one device (a GPU, or a CPU without extra processes). A collective is a
     meeting of threads, an all-to-all a differentiable concatenation of their tensors, so one backward through the sum
     of every rank's loss gives each parameter the gradient that W processes would (the replicated ones summed).
-    Random draws inside the threads (dropout) share torch's one generator, in an order the threads' timing decides."""
+    The threads take turns (Turns), so that random draws inside them (dropout) come in one order, run after run."""
 
     def __init__(self, world_size: int, ranks_per_node: int) -> None:
         _check_world(world_size, ranks_per_node)
@@ -226,7 +253,8 @@ class VirtualWorld:
         G, W = ranks_per_node, world_size
         sets = {"node": [list(range(n, n + G)) for n in range(0, W, G)], "peers": [list(range(s, W, G)) for s in range(G)],
                 "world": [list(range(W))]}
-        meetings = {name: [Meeting(len(ranks)) for ranks in groups] for name, groups in sets.items()}
+        self._sets, self._turns = sets, Turns()
+        meetings = {name: [Meeting(len(ranks), self._turns) for ranks in groups] for name, groups in sets.items()}
 
         def group(name: str, rank: int) -> CommGroup:
             j = next(j for j, ranks in enumerate(sets[name]) if rank in ranks)
@@ -240,30 +268,38 @@ class VirtualWorld:
         self._meetings = [m for ms in meetings.values() for m in ms]
 
     def run(self, fn: Callable[[int], object]) -> list:
-        """fn(rank) for every rank at once, each in its own thread (with the caller's grad mode and autocast); the
-        results in rank order. If a rank raises, the others are released and the first error is raised here."""
+        """fn(rank) for every rank, each in its own thread (with the caller's grad mode and autocast), taking turns in
+        rank order; the results in rank order. If a rank raises, the others stop and the first error is raised here."""
         grad, autocast = torch.is_grad_enabled(), torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda")
-        results, errors = [None] * self.world_size, []
+        results, errors, turns = [None] * self.world_size, [], self._turns
+        with turns.cv:  # a fresh start: rank 0 has the turn, the others wait for theirs
+            turns.ready, turns.holder, turns.broken = set(range(self.world_size)), None, False
+            for m in self._meetings:
+                m.slots, m.waiting = [None] * m.size, []
+            turns.hand_on()
 
         def work(rank: int) -> None:
             try:
+                with turns.cv:
+                    turns.wait_for_turn(rank)
                 with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype, enabled=autocast):
                     results[rank] = fn(rank)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
-                for m in self._meetings:  # the others' waits end with BrokenBarrierError
-                    m.barrier.abort()
+                with turns.cv:
+                    turns.broken = True
+            with turns.cv:
+                turns.holder = None if turns.holder == rank else turns.holder
+                turns.hand_on()
+                turns.cv.notify_all()
         threads = [threading.Thread(target=work, args=(r,)) for r in range(self.world_size)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         if errors:
-            first = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
-            for m in self._meetings:
-                m.barrier.reset()
-            raise first
+            raise errors[0]
         return results
 
 # --- 2. All-to-all with a link ledger (paper: "The problem") ----------------------------------------------------------

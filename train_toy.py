@@ -1501,7 +1501,7 @@ def _flags_processes() -> argparse.ArgumentParser:
     g.add_argument("--threads", action="store_true",
                    help="run the --nproc ranks as threads of one process on one device (a GPU, or the CPU), not as "
                         "processes: the same model, data and training (train, demo, sweep); dropout masks come "
-                        "from one random stream, so with dropout a run does not repeat bit for bit")
+                        "from one random stream, not one per rank")
     g.add_argument("--ranks-per-node", type=int, default=None,
                    help="ranks per (emulated) node; default 2 when spawning, LOCAL_WORLD_SIZE under torchrun")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
