@@ -88,18 +88,23 @@ class Turns:
     ends, and then the lowest rank that can go on takes it. So their work, random draws included, has one order."""
 
     def __init__(self) -> None:
-        self.cv, self.ready, self.holder, self.broken = threading.Condition(), set(), None, False
+        self.cv, self.ready, self.holder, self.live = threading.Condition(), set(), None, 0
+        self.broken: Optional[str] = None  # why the threads stop
 
     def hand_on(self) -> None:  # with cv held
         if self.holder is None and self.ready:
             self.holder = min(self.ready)
             self.ready.discard(self.holder)
-            self.cv.notify_all()
+        elif self.holder is None and self.live > 0 and not self.broken:  # every live thread waits at a meeting
+            self.broken = "the ranks wait at collectives that not every member of the group reached"
+        self.cv.notify_all()
 
     def wait_for_turn(self, rank: int, until=lambda: True) -> None:  # with cv held
-        while not (self.holder == rank and until()):
+        while True:
             if self.broken:
-                raise RuntimeError("another rank of the VirtualWorld failed")
+                raise RuntimeError(f"VirtualWorld: {self.broken}")
+            if self.holder == rank and until():
+                return
             self.cv.wait()
 
 class Meeting:
@@ -274,9 +279,7 @@ class VirtualWorld:
         dtype = torch.get_autocast_dtype("cuda")
         results, errors, turns = [None] * self.world_size, [], self._turns
         with turns.cv:  # a fresh start: rank 0 has the turn, the others wait for theirs
-            turns.ready, turns.holder, turns.broken = set(range(self.world_size)), None, False
-            for m in self._meetings:
-                m.slots, m.waiting = [None] * m.size, []
+            turns.ready, turns.holder, turns.live, turns.broken = set(range(self.world_size)), None, self.world_size, None
             turns.hand_on()
 
         def work(rank: int) -> None:
@@ -288,16 +291,26 @@ class VirtualWorld:
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
                 with turns.cv:
-                    turns.broken = True
+                    turns.broken = turns.broken or "another rank failed"
             with turns.cv:
+                turns.live -= 1
                 turns.holder = None if turns.holder == rank else turns.holder
                 turns.hand_on()
-                turns.cv.notify_all()
         threads = [threading.Thread(target=work, args=(r,)) for r in range(self.world_size)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.start()
+        except BaseException:  # a thread that did not start: the started ones must not wait for it
+            with turns.cv:
+                turns.broken = "a rank's thread did not start"
+                turns.cv.notify_all()
+            raise
+        finally:
+            for t in threads:
+                if t.ident is not None:
+                    t.join()
+            for m in self._meetings:  # hold no tensor (and its graph) after the run
+                m.slots, m.waiting, m.values = [None] * m.size, [], None
         if errors:
             raise errors[0]
         return results

@@ -853,7 +853,8 @@ def test_virtual_world_equals_processes(workers, kind, ranks_per_node):
 
 def test_virtual_world_releases_every_rank_on_an_error():
     """A rank that raises inside VirtualWorld.run does not leave the others waiting at a collective: the error
-    reaches the caller, and the world runs again afterwards."""
+    reaches the caller, and the world runs again afterwards; ranks that wait at a collective one member never
+    reaches raise instead of hanging."""
     world = sc.VirtualWorld(4, 2)
 
     def fn(rank: int):
@@ -863,6 +864,8 @@ def test_virtual_world_releases_every_rank_on_an_error():
     with pytest.raises(ValueError, match="rank 2 failed"):
         world.run(fn)
     assert world.run(lambda r: world.topologies[r].gather_counts(r)) == [[0, 1, 2, 3]] * 4
+    with pytest.raises(RuntimeError, match="not every member"):  # a collective that rank 0 skips: an error, no hang
+        world.run(lambda r: world.topologies[r].gather_counts(r) if r else None)
 
 
 def test_seq_with_one_expert_per_rank_and_normalize_before_drop_matches_reference(workers):
