@@ -138,13 +138,13 @@ class VirtualGroup(CommGroup):
     index: int  # this rank's place in the group
 
     def all_to_all(self, x: Tensor, send: list[int], recv: list[int], ledger: Optional[CommLedger], tag: str) -> Tensor:
-        chunks = self.meeting.swap(self.index, self.ranks[self.index], x.split(send))  # every member's rows, by destination
+        # every member's rows, cut by destination
+        chunks = self.meeting.swap(self.index, self.ranks[self.index], x.split(send))
         out = torch.cat([rows[self.index] for rows in chunks])
         if ledger is not None:
-            row_bytes = math.prod(x.shape[1:]) * x.element_size()
-            ledger.record(tag, "forward", [r * row_bytes for r in send], self)
+            ledger.record_rows(tag, "forward", send, x, self)
             if out.requires_grad:  # the gradient goes back as a real all-to-all's would: count it when it does
-                out.register_hook(lambda g: ledger.record(tag, "backward", [r * row_bytes for r in recv], self))
+                out.register_hook(lambda g: ledger.record_rows(tag, "backward", recv, g, self))
         return out
 
 @dataclass(frozen=True)
@@ -210,8 +210,7 @@ def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
                          f"must hold the same number of ranks; choose a divisor of {world_size}")
     G, N = ranks_per_node, world_size // ranks_per_node
     node_rank, local_rank = rank // G, rank % G
-    nodes = [list(range(n * G, (n + 1) * G)) for n in range(N)]  # the ranks of each node
-    slots = [list(range(s, world_size, G)) for s in range(G)]  # the ranks at each local slot, one per node
+    sets = rank_sets(world_size, G)
 
     def comm_group(name: str, sets: list[list[int]], mine: int) -> CommGroup:
         """Every rank creates every group of `sets`, in order, and keeps its own (the world's if it is the world)."""
@@ -219,11 +218,19 @@ def build_topology(ranks_per_node: Optional[int] = None) -> Topology:
         group = None if not initialised or len(ranks) == 1 else (
             dist.group.WORLD if len(sets) == 1 else [dist.new_group(members) for members in sets][mine])
         return CommGroup(name, tuple(ranks), group, tuple(link_class(rank, r, G) for r in ranks))
-    node, peers = comm_group("node", nodes, node_rank), comm_group("peers", slots, local_rank)  # one order, every rank
+    node = comm_group("node", sets["node"], node_rank)  # every rank creates the groups in one order
+    peers = comm_group("peers", sets["peers"], local_rank)
     host_group = None if world_size == 1 else (  # a gloo group for host integers, whatever the backend
         dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
     return Topology(rank, world_size, G, N, node_rank, local_rank, comm_group("local", [[rank]], 0), node,
-                    comm_group("world", [list(range(world_size))], 0), peers, host_group)
+                    comm_group("world", sets["world"], 0), peers, host_group)
+
+def rank_sets(world_size: int, ranks_per_node: int) -> dict[str, list[list[int]]]:
+    """The groups of each kind, as lists of global ranks: each node's ranks, the ranks at each local slot (one per
+    node: "peers"), and the world."""
+    W, G = world_size, ranks_per_node
+    return {"node": [list(range(n, n + G)) for n in range(0, W, G)], "peers": [list(range(s, W, G)) for s in range(G)],
+            "world": [list(range(W))]}
 
 def _check_world(world_size: int, ranks_per_node: int, rank: int = 0) -> None:
     if not (isinstance(ranks_per_node, int) and ranks_per_node >= 1 and isinstance(world_size, int)
@@ -240,10 +247,10 @@ def emulated_topology(world_size: int, ranks_per_node: int, rank: int = 0) -> To
 
     def copy_group(name: str, ranks: Sequence[int]) -> CommGroup:
         return LocalCopyGroup(name, tuple(ranks), None, tuple(link_class(rank, r, G) for r in ranks))
-    node_rank, local_rank = divmod(rank, G)
+    (node_rank, local_rank), sets = divmod(rank, G), rank_sets(world_size, G)
     return Topology(rank, world_size, G, N, node_rank, local_rank, CommGroup("local", (rank,), None, ("intra_device",)),
-                    copy_group("node", range(node_rank * G, (node_rank + 1) * G)), copy_group("world", range(world_size)),
-                    copy_group("peers", range(local_rank, world_size, G)), None)
+                    copy_group("node", sets["node"][node_rank]), copy_group("world", sets["world"][0]),
+                    copy_group("peers", sets["peers"][local_rank]), None)
 
 class VirtualWorld:
     """W ranks, G per node, in this one process, one thread per rank: every rank's layers run as they would in their
@@ -256,9 +263,7 @@ class VirtualWorld:
         _check_world(world_size, ranks_per_node)
         self.world_size, self.ranks_per_node = world_size, ranks_per_node
         G, W = ranks_per_node, world_size
-        sets = {"node": [list(range(n, n + G)) for n in range(0, W, G)], "peers": [list(range(s, W, G)) for s in range(G)],
-                "world": [list(range(W))]}
-        self._sets, self._turns = sets, Turns()
+        sets, self._turns = rank_sets(W, G), Turns()
         meetings = {name: [Meeting(len(ranks), self._turns) for ranks in groups] for name, groups in sets.items()}
 
         def group(name: str, rank: int) -> CommGroup:
@@ -279,7 +284,8 @@ class VirtualWorld:
         dtype = torch.get_autocast_dtype("cuda")
         results, errors, turns = [None] * self.world_size, [], self._turns
         with turns.cv:  # a fresh start: rank 0 has the turn, the others wait for theirs
-            turns.ready, turns.holder, turns.live, turns.broken = set(range(self.world_size)), None, self.world_size, None
+            turns.ready, turns.holder, turns.live = set(range(self.world_size)), None, self.world_size
+            turns.broken = None
             turns.hand_on()
 
         def work(rank: int) -> None:
@@ -332,6 +338,11 @@ class CommLedger:
             self.bytes[tag, direction, link] = self.bytes.get((tag, direction, link), 0) + nbytes
             self.to_rank[rank] = self.to_rank.get(rank, 0) + nbytes
 
+    def record_rows(self, tag: str, direction: str, rows: Sequence[int], like: Tensor, group: CommGroup) -> None:
+        """As record, for rows[j] rows shaped like those of `like` handed to member j."""
+        row_bytes = math.prod(like.shape[1:]) * like.element_size()
+        self.record(tag, direction, [r * row_bytes for r in rows], group)
+
     def total(self, link: Optional[str] = None, direction: Optional[str] = None, tag: Optional[str] = None) -> int:
         """Bytes summed over every key that matches the given (non-None) fields."""
         want = (tag, direction, link)
@@ -350,9 +361,8 @@ def _all_to_all_single(x: Tensor, group: CommGroup, send: Splits, recv: Splits, 
     x = x.contiguous()
     out = x.new_empty((x.shape[0] if recv is None else sum(recv),) + tuple(x.shape[1:]))
     if ledger is not None:
-        row_bytes = math.prod(x.shape[1:]) * x.element_size()
-        sent = send if send is not None else [x.shape[0] // group.size] * group.size
-        ledger.record(tag, direction, [r * row_bytes for r in sent], group)
+        ledger.record_rows(tag, direction, send if send is not None else [x.shape[0] // group.size] * group.size, x,
+                           group)
     group.exchange(out, x, send, recv)
     return out
 
@@ -477,7 +487,8 @@ def inverse_permutation(order: Tensor) -> Tensor:
 
 def capacity_tensor(capacity: int | Sequence[int], e: int, device: torch.device) -> Tensor:
     """Slots per expert as an (e,) long tensor, from one int or a host list (filled run by run: no copy to a GPU)."""
-    runs = [(c, len(list(same))) for c, same in itertools.groupby([capacity] * e if isinstance(capacity, int) else capacity)]
+    per_expert = [capacity] * e if isinstance(capacity, int) else capacity
+    runs = [(c, len(list(same))) for c, same in itertools.groupby(per_expert)]
     return torch.cat([torch.full((n,), c, dtype=torch.long, device=device) for c, n in runs])
 
 def assign_slots(expert: Tensor, real: Optional[Tensor], e: int, capacity: int | Sequence[int],
@@ -514,21 +525,14 @@ def assign_slots(expert: Tensor, real: Optional[Tensor], e: int, capacity: int |
 def _load_balancing_loss(gates: Tensor, first_count: Tensor, real: Optional[Tensor],
                          segments: Optional[Sequence[int]] = None) -> Tensor:
     """GShard's l_aux over the real tokens (t,) bool (None: all), from the gates (t, e) and the first choices each
-    expert got, first_count (e,). `segments`: the experts in runs of these lengths, each run a gate of its own (a
-    token's gates are 0 outside its run): one l_aux per run, over its tokens, (segments,)."""
-    (t, e), f = gates.shape, gates.dtype
-    if segments is not None:  # l_aux = E_s * sum_e (sum of g_e) * c_e / S_s^2 for each run s, S_s: its tokens
-        gate_sum = (gates if real is None else gates * real[:, None]).sum(dim=0)  # (e,)
-        return torch.stack([len(g) * torch.dot(g, c) / c.sum().clamp_min(1) ** 2 for g, c in
-                            zip(gate_sum.split(list(segments)), first_count.to(f).split(list(segments)))])
-    if t == 0:
-        return gates.new_zeros(())
-    if real is None:
-        mean_gate, n_real = gates.mean(dim=0), t  # (e,)  m_e: mean gate value
-    else:
-        n_real = real.sum().clamp_min(1)
-        mean_gate = (gates * real[:, None]).sum(dim=0) / n_real
-    return torch.dot(mean_gate, first_count.to(f)) * e / n_real  # l_aux = E * sum_e m_e * c_e / S (1 when balanced)
+    expert got, first_count (e,): l_aux = E * sum_e m_e c_e / S (1 when balanced), m_e the mean gate, S the tokens.
+    `segments`: the experts in runs of these lengths, each run a gate of its own (a token's gates are 0 outside its
+    run): one l_aux per run, over its tokens, (segments,); without them one, ()."""
+    runs = [gates.shape[1]] if segments is None else list(segments)
+    gate_sum = (gates if real is None else gates * real[:, None]).sum(dim=0)  # (e,)  S * m_e within each run
+    losses = torch.stack([len(g) * torch.dot(g, c) / c.sum().clamp_min(1) ** 2  # c.sum(): the run's tokens
+                          for g, c in zip(gate_sum.split(runs), first_count.to(gates.dtype).split(runs))])
+    return losses if segments is not None else losses[0]
 
 def top2_gating(logits: Tensor, capacity: int | Sequence[int], pad_mask: Optional[Tensor] = None, *,
                 second_expert: str = "argmax", normalize_before_drop: bool = False,
@@ -571,7 +575,8 @@ def top2_gating(logits: Tensor, capacity: int | Sequence[int], pad_mask: Optiona
     return Routing(expert, slot, place, weight, kept, token, capacity, aux_loss, count)
 
 def dispatch(x: Tensor, routing: Routing, num_experts: int, rows: Optional[Tensor] = None) -> Tensor:
-    """Each expert's tokens in its capacity buffer: (t, d) -> (num_experts, c, d), or (slots, d) for a list of capacities.
+    """Each expert's tokens in its capacity buffer: (t, d) -> (num_experts, c, d), or (slots, d) for a list of
+    capacities.
     `rows` (gate positions,): the row of x each position of the gate is (None: the same). An empty slot holds a copy
     of row 0 that `combine` never reads, so its gradient is 0 (the experts map a zero gradient row to zeros)."""
     token = routing.token.clamp(min=0)  # (slots,)
@@ -634,7 +639,8 @@ def to_experts(send: Tensor, tier: Tier, n: int) -> Tensor:
     return recv.view(g, n, -1, d).transpose(0, 1).reshape(n, -1, d)  # (n, g*c, d)
 
 def from_experts(h: Tensor, tier: Tier) -> Tensor:
-    """The reverse of to_experts: the experts' outputs (n, g * c, d) back to the ranks that sent the slots, (g*n*c, d)."""
+    """The reverse of to_experts: the experts' outputs (n, g * c, d) back to the ranks that sent the slots:
+    (g * n * c, d)."""
     n, d, g = h.shape[0], h.shape[2], tier.group.size
     back = h.view(n, g, -1, d).transpose(0, 1).reshape(-1, d)  # member j's slots together
     return all_to_all(back, tier.group, ledger=tier.ledger, tag=tier.name)
@@ -778,7 +784,7 @@ class SCoMoESeq(_MoELayer):
         lefts = itertools.accumulate(widths[:-1], initial=0)  # each tier's first column
         tier_logits = logits.index_select(0, order).split([idx.shape[0] for _, idx, _, _ in runs])
         gate_logits = torch.cat([F.pad(lg[:, first:first + e], (left, sum(widths) - left - e), value=float("-inf"))
-                                 for lg, (_, _, first, e), left in zip(tier_logits, runs, lefts)])  # (t_run, sum(widths))
+                                 for lg, (_, _, first, e), left in zip(tier_logits, runs, lefts)])  # (t_run, columns)
         routing = top2_gating(gate_logits, [tier.capacity for tier, *_, e in runs for _ in range(e)],
                               None if pad_mask is None else pad_mask.index_select(0, order),
                               second_expert=cfg.second_expert, normalize_before_drop=cfg.normalize_before_drop,
@@ -803,7 +809,8 @@ def tier_routings(routing: Routing, runs: list[tuple[Tier, Tensor, int, int]]) -
         kept, token = routing.kept[rows, :k], routing.token[row:row + e * c]
         part = Routing(routing.expert[rows, :k] - left, routing.slot[rows, :k],
                        torch.where(kept, routing.place[rows, :k] - row, -1), routing.weight[rows, :k], kept,
-                       torch.where(token >= 0, token - top, -1), c, routing.aux_loss[j], routing.count[:k, left:left + e])
+                       torch.where(token >= 0, token - top, -1), c, routing.aux_loss[j],
+                       routing.count[:k, left:left + e])
         out[tier.name] = TierRouting(idx, first, part)
         top, left, row = top + t, left + e, row + e * c
     return out
@@ -882,7 +889,7 @@ class NodeLimitedMoE(_MoELayer):
         first_count = gates.new_zeros(cfg.num_experts).scatter_add_(  # first choices inside the node
             0, node * node_experts + first, gates.new_ones(t) if real is None else real.to(gates.dtype))
         aux_loss = _load_balancing_loss(gates, first_count, real)
-        hop1 = Routing(node[:, None], slot, place, kept.to(x.dtype), kept, token, c1, aux_loss, count)  # weight 1 if kept
+        hop1 = Routing(node[:, None], slot, place, kept.to(x.dtype), kept, token, c1, aux_loss, count)  # weight: kept
         filled = (token >= 0)[:, None].to(x.dtype)  # (N*c1, 1): 1 in a filled slot, 0 in an empty one
         send = torch.cat([dispatch(x, hop1, N).view(N * c1, d), filled], dim=1)  # (N*c1, d+1): node-major
         recv = all_to_all(send, topo.peers, ledger=self.ledger, tag="peers")  # (N*c1, d+1): from every node

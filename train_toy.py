@@ -410,7 +410,8 @@ class Translator(nn.Module):
         h = self.embed(ids) * self.cfg.d_model**0.5 + self.pos(positions)
         return F.dropout(h, self.cfg.dropout, self.training)
 
-    def split(self, ids: Tensor, rows: Optional[list[int]], full: bool = False) -> Optional[tuple[list[int], list[int]]]:
+    def split(self, ids: Tensor, rows: Optional[list[int]],
+              full: bool = False) -> Optional[tuple[list[int], list[int]]]:
         """Each rank's sentences and the width its own batch would have: its longest sentence (padding trails), or
         the whole width (full: a prefix being decoded)."""
         if self.world is None:
@@ -431,7 +432,8 @@ class Translator(nn.Module):
                                split=self.split(tgt_in, rows, full))
         return h @ self.embed.weight.t(), outs  # (B, T, vocab)
 
-    def forward(self, src: Tensor, tgt_in: Tensor, rows: Optional[list[int]] = None) -> tuple[Tensor, list[sc.MoEOutput]]:
+    def forward(self, src: Tensor, tgt_in: Tensor,
+                rows: Optional[list[int]] = None) -> tuple[Tensor, list[sc.MoEOutput]]:
         memory, enc_outs = self.encode(src, rows)
         logits, dec_outs = self.decode(tgt_in, memory, src, rows)
         return logits, enc_outs + dec_outs
@@ -622,8 +624,8 @@ def atomic_save(obj, path: str) -> None:
 
 def save_checkpoint(args, variant, model, opt_shared, opt_experts, state: RunState, topo: sc.Topology) -> None:
     """Shared parameters and their optimizer once (rank 0), each process's experts (with --threads, every
-    rank's), optimizer and RNG in its own file, in a directory per step; then, last, rank 0 writes the step's manifest (the run's
-    fingerprint and every file's sha256). A step without its manifest was not completely saved."""
+    rank's), optimizer and RNG in its own file, in a directory per step; then, last, rank 0 writes the step's
+    manifest (the run's fingerprint and every file's sha256). A step without its manifest was not completely saved."""
     root = ckpt_dir(args, variant)
     step_dir = os.path.join(root, f"step{state.step:06d}")
     os.makedirs(step_dir, exist_ok=True)
