@@ -2514,6 +2514,25 @@ def test_threads_with_dropout_repeat_and_resume_bit_for_bit(tmp_path):
     assert first["losses"] == again["losses"] == resumed["losses"] and len(first["losses"]) == 6
 
 
+def test_gap_table_compares_seed_means_with_twice_the_pooled_seed_sd():
+    """The verdict's arithmetic: a difference to GShard beyond 2 pooled seed sds is marked, and clustering's
+    share of Seq's gap at the same point is (Seq's gap - its own) / Seq's gap, only for a gap beyond 2 sd."""
+    def row(variant, bleu, bleu_sd, loss, loss_sd):
+        return {"variant": variant, "family": toy.family({"variant": variant}), "seeds": [0, 1, 2], "bleu": bleu,
+                "bleu_sd": bleu_sd, "loss": loss, "loss_sd": loss_sd}
+    rows = [row("gshard", 90.0, 0.3, 0.20, 0.004), row("seq@0.5,0.375", 88.0, 0.4, 0.26, 0.003),
+            row("seq+cluster@0.5,0.375", 89.5, 0.5, 0.23, 0.005), row("feat@0.5,0.375", 89.8, 0.4, 0.201, 0.01)]
+    lines = toy.gap_table(rows)
+    seq, cluster, feat = (next(l for l in lines if l.startswith(f"| {v}@")) for v in ("seq", "seq+cluster", "feat"))
+    two_sd = 2 * math.sqrt((0.4 ** 2 + 0.3 ** 2) / 2)
+    assert f"| -2.0 * | {two_sd:.1f} | +0.060 * |" in seq
+    assert cluster.endswith("| 75%, 50% |")  # BLEU gap 2.0 -> 0.5, loss gap 0.06 -> 0.03
+    assert "| -0.2 | " in feat and "| +0.001 | " in feat and feat.endswith("|  |")
+    rows[1] = row("seq@0.5,0.375", 89.8, 0.4, 0.201, 0.003)  # Seq within noise: nothing to close
+    assert toy.gap_table(rows)[3].endswith("| Seq within 2 sd, Seq within 2 sd |")
+    assert toy.gap_table(rows[1:]) == ["(no gaps to GShard: they need GShard with at least 2 seeds)"]
+
+
 def test_sweep_runs_every_point_and_resumes(tmp_path):
     """A tiny sweep trains each (variant, point, seed) once, writes one file per run, the table and the
     per-point means; run again, it skips every finished run and trains only what was added."""
@@ -2528,6 +2547,7 @@ def test_sweep_runs_every_point_and_resumes(tmp_path):
                      "seq@0.25,0.5_seed0.json", "seq@0.5,0.25_seed0.json"]
     table = (tmp_path / "table.md").read_text()
     assert "| seq@0.25,0.5 | 0 |" in table and "1: " in table and "2: " in table
+    assert "no gaps to GShard" in table  # one seed: no spread to compare with
     again = run("--variants", "gshard,dense")
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("parameters,") == 1  # only dense was trained

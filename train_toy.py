@@ -991,6 +991,43 @@ def family(r: dict) -> str:
     return r["variant"].split("@")[0]
 
 
+def gap_table(rows: list[dict]) -> list[str]:
+    """Each variant against GShard, in the sweep's own terms: the difference of the seed means, beside twice the
+    pooled seed standard deviation sqrt((sd_variant^2 + sd_gshard^2) / 2); a difference beyond it is marked *.
+    For Seq + clustering, the share of Seq's gap at the same point that clustering closes (when Seq's gap is
+    beyond 2 sd; else there is nothing to close). Rows with fewer than 2 seeds are left out."""
+    base = next((r for r in rows if r["family"] == "gshard" and len(r["seeds"]) > 1), None)
+    if base is None:
+        return ["(no gaps to GShard: they need GShard with at least 2 seeds)"]
+    by_name = {r["variant"]: r for r in rows}
+    out = ["| variant | seeds | BLEU - GShard | 2 sd | valid loss - GShard | 2 sd | clustering closes "
+           "(BLEU, loss) |", "|---|---|---:|---:|---:|---:|---|"]
+
+    def gap(r: dict, key: str) -> tuple[float, float]:  # (difference, 2 pooled sd); BLEU: + is better
+        return r[key] - base[key], 2 * math.sqrt((r[key + "_sd"] ** 2 + base[key + "_sd"] ** 2) / 2)
+
+    for r in rows:
+        if r is base or r["family"] == "gshard" or len(r["seeds"]) < 2:
+            continue
+        cells = []
+        for key in ("bleu", "loss"):
+            d, two_sd = gap(r, key)
+            beyond = abs(d) > two_sd
+            cells += [f"{d:+.{1 if key == 'bleu' else 3}f}{' *' if beyond else ''}",
+                      f"{two_sd:.{1 if key == 'bleu' else 3}f}"]
+        closes = ""
+        seq = by_name.get(r["variant"].replace("seq+cluster", "seq", 1)) if r["family"] == "seq+cluster" else None
+        if seq is not None and len(seq["seeds"]) > 1:
+            shares = []
+            for key, sign in (("bleu", -1), ("loss", 1)):  # the gap: how far Seq is behind GShard
+                (ds, two_sd), (dc, _) = gap(seq, key), gap(r, key)
+                behind = sign * ds
+                shares.append(f"{(behind - sign * dc) / behind:.0%}" if behind > two_sd else "Seq within 2 sd")
+            closes = ", ".join(shares)
+        out.append(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | " + " | ".join(cells) + f" | {closes} |")
+    return out
+
+
 def sweep_report(args: argparse.Namespace) -> None:
     """Mean and spread over seeds of BLEU and valid loss per (variant, point) against inter-node MB per
     step: a table (printed and in <out>/table.md) and, with matplotlib, <out>/sweep.png."""
@@ -1022,7 +1059,7 @@ def sweep_report(args: argparse.Namespace) -> None:
         lines.append(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {r['inter_mb']:.2f} | "
                      f"{r['bleu']:.1f}{spread(r['bleu_sd'], '.1f')} | {r['loss']:.3f}{spread(r['loss_sd'], '.3f')} | "
                      f"{curve} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines + [""] + gap_table(rows))
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
@@ -1545,7 +1582,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", parents=[task(), moe(), training(), procs()], formatter_class=fmt,
                            help="quality against inter-node bytes: variants x locality points x seeds",
                            description="Train every (variant, point, seed) not yet in <out>/runs (resumable), "
-                                       "then write the table and, with matplotlib, the picture.")
+                                       "then write the table (with each variant's gap to GShard beside twice "
+                                       "the seed standard deviation) and, with matplotlib, the picture.")
     g = sweep.add_argument_group("sweep")
     g.add_argument("--variants", default=",".join(SWEEP_VARIANTS),
                    help=f"comma-separated, from {','.join(SWEEP_VARIANTS)}")
