@@ -2064,6 +2064,7 @@ def test_demo_trains_every_variant_and_writes_the_table(tmp_path):
     inter = {r["variant"]: r["bytes_per_step"]["inter_node"] for r in results}
     assert max(inter["node-limited"], inter["seq"], inter["feat"]) < inter["gshard"]
     assert "speed-up" in stdout and "1.00x" in stdout and "node boundaries" in stdout
+    assert "BLEU and valid loss after 3 steps per variant" in stdout  # the budget is said beside the qualities
 
 
 def test_the_authors_options_reach_the_layers(tmp_path):

@@ -954,6 +954,9 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
         print(f"{r['variant']:<14} {r['bleu']:>5.1f} {r['valid_loss']:>10.3f} {mb[0]:>11.2f} {mb[1]:>6.2f} "
               f"{mb[2]:>6.2f} {r['step_time_s']:>7.3f} {base['step_time_s'] / r['step_time_s']:>7.2f}x "
               f"{r['cluster_step_s']:>9.3f} {base['cluster_step_s'] / r['cluster_step_s']:>7.2f}x")
+    if args.command == "demo":
+        print(f"BLEU and valid loss after {args.steps} steps per variant; NOTES.md, section 5.3, compares the "
+              f"default 200 with the same task trained until it settles")
     print(f"\nMB one training step sends from each rank (row) to each rank (column); | and - mark the node "
           f"boundaries, so traffic outside the diagonal blocks crosses nodes")
     for r in results:
