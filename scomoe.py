@@ -83,29 +83,35 @@ class LocalCopyGroup(CommGroup):
         out[:n].copy_(x[:n])
         out[n:].zero_()
 
+
 class Turns:
     """The threads of a VirtualWorld take turns: one runs at a time, keeps the turn until it waits at a meeting or
     ends, and then the lowest rank that can go on takes it. So their work, random draws included, has one order."""
 
     def __init__(self) -> None:
-        self.cv, self.ready, self.holder, self.live = threading.Condition(), set(), None, 0
+        self.lock, self.ready, self.holder, self.live = threading.Lock(), set(), None, 0
+        self.wakers: dict[int, threading.Condition] = {}  # rank -> what it waits on (under self.lock)
         self.broken: Optional[str] = None  # why the threads stop
 
-    def hand_on(self) -> None:  # with cv held
+    def hand_on(self) -> None:  # with lock held; wakes the new holder only, or everyone when the threads stop
         if self.holder is None and self.ready:
             self.holder = min(self.ready)
             self.ready.discard(self.holder)
         elif self.holder is None and self.live > 0 and not self.broken:  # every live thread waits at a meeting
             self.broken = "the ranks wait at collectives that not every member of the group reached"
-        self.cv.notify_all()
+        for rank, waker in self.wakers.items():
+            if self.broken or rank == self.holder:
+                waker.notify()
 
-    def wait_for_turn(self, rank: int, until=lambda: True) -> None:  # with cv held
+    def wait_for_turn(self, rank: int, until=lambda: True) -> None:  # with lock held
+        waker = self.wakers.setdefault(rank, threading.Condition(self.lock))
         while True:
             if self.broken:
                 raise RuntimeError(f"VirtualWorld: {self.broken}")
             if self.holder == rank and until():
                 return
-            self.cv.wait()
+            waker.wait()
+
 
 class Meeting:
     """Where the threads of a VirtualWorld's group hand each other values: each member leaves its own and gives up the
@@ -117,7 +123,7 @@ class Meeting:
 
     def swap(self, index: int, rank: int, value):
         turns = self.turns
-        with turns.cv:
+        with turns.lock:
             self.slots[index] = value
             if len(self.waiting) + 1 < self.size:  # wait for the others: the turn passes on
                 self.waiting.append(rank)
@@ -129,6 +135,7 @@ class Meeting:
                 turns.ready.update(self.waiting)
                 self.waiting = []
             return self.values
+
 
 @dataclass(frozen=True)
 class VirtualGroup(CommGroup):
@@ -283,22 +290,22 @@ class VirtualWorld:
         grad, autocast = torch.is_grad_enabled(), torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda")
         results, errors, turns = [None] * self.world_size, [], self._turns
-        with turns.cv:  # a fresh start: rank 0 has the turn, the others wait for theirs
+        with turns.lock:  # a fresh start: rank 0 has the turn, the others wait for theirs
             turns.ready, turns.holder, turns.live = set(range(self.world_size)), None, self.world_size
             turns.broken = None
             turns.hand_on()
 
         def work(rank: int) -> None:
             try:
-                with turns.cv:
+                with turns.lock:
                     turns.wait_for_turn(rank)
                 with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype, enabled=autocast):
                     results[rank] = fn(rank)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
-                with turns.cv:
+                with turns.lock:
                     turns.broken = turns.broken or "another rank failed"
-            with turns.cv:
+            with turns.lock:
                 turns.live -= 1
                 turns.holder = None if turns.holder == rank else turns.holder
                 turns.hand_on()
@@ -307,9 +314,9 @@ class VirtualWorld:
             for t in threads:
                 t.start()
         except BaseException:  # a thread that did not start: the started ones must not wait for it
-            with turns.cv:
+            with turns.lock:
                 turns.broken = "a rank's thread did not start"
-                turns.cv.notify_all()
+                turns.hand_on()
             raise
         finally:
             for t in threads:
