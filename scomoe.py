@@ -83,7 +83,6 @@ class LocalCopyGroup(CommGroup):
         out[:n].copy_(x[:n])
         out[n:].zero_()
 
-
 class Turns:
     """The threads of a VirtualWorld take turns: one runs at a time, keeps the turn until it waits at a meeting or
     ends, and then the lowest rank that can go on takes it. So their work, random draws included, has one order."""
@@ -135,7 +134,6 @@ class Meeting:
                 turns.ready.update(self.waiting)
                 self.waiting = []
             return self.values
-
 
 @dataclass(frozen=True)
 class VirtualGroup(CommGroup):

@@ -2080,15 +2080,16 @@ def test_the_authors_options_reach_the_layers(tmp_path):
 
 
 def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
-    """A run stopped at a checkpoint and resumed produces exactly the loss sequence of a run that was
-    never interrupted (same data, optimizer state, RNG); shared parameters are saved once, each rank's
-    experts, optimizer and RNG in its own file."""
-    args = ["--moe", "seq", "--token-cluster", "--layers", "4", "--ckpt-every", "4"]
+    """A run stopped at a checkpoint and resumed produces exactly the loss sequence and the evaluations (the one
+    at the checkpoint's step too) of a run that was never interrupted (same data, optimizer state, RNG); shared
+    parameters are saved once, each rank's experts, optimizer and RNG in its own file."""
+    args = ["--moe", "seq", "--token-cluster", "--layers", "4", "--ckpt-every", "4", "--eval-every", "2"]
     [straight], _ = run_trainer(tmp_path / "a", "train", *args, "--steps", "8")
     run_trainer(tmp_path / "b", "train", *args, "--steps", "4")
     [resumed], stdout = run_trainer(tmp_path / "b", "train", *args, "--steps", "8", "--resume")
     assert "resumed from step 4" in stdout
     assert resumed["losses"] == straight["losses"]
+    assert [e["step"] for e in straight["evals"]] == [2, 4, 6, 8] and resumed["evals"] == straight["evals"]
     files = sorted(p.name for p in (tmp_path / "b" / "ckpt" / "seq+cluster" / "step000008").iterdir())
     assert files == ["rank0.pt", "rank1.pt", "rank2.pt", "rank3.pt", "shared.pt"]
 

@@ -798,11 +798,23 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         state = RunState()
         torch.manual_seed(args.seed * 7919 + topo.rank)  # dropout: different on every rank
 
+    def eval_due() -> bool:  # an evaluation every --eval-every steps before the last (which always has one)
+        return bool(args.eval_every) and state.step % args.eval_every == 0 and 0 < state.step < args.steps and \
+            all(e["step"] != state.step for e in state.evals)
+
+    def evaluate_on_the_way() -> None:
+        scores = evaluate(model, task, topo, device, args.eval_sentences)
+        state.evals.append({"step": state.step, **{k: scores.get(k) for k in ("bleu", "valid_loss")}})
+        print0(f"[{variant.name}] step {state.step}: BLEU {scores.get('bleu', 0):.1f}, "
+               f"valid loss {scores.get('valid_loss', 0):.3f}")
+
     n_params = sum(p.numel() for p in shared_params) + sum(topo.gather_counts(sum(p.numel() for p in expert_params)))
     W, G = world_and_rpn(args)
     print0(f"[{variant.name}] {n_params / 1e6:.2f}M parameters, {W} ranks ({W // G} node(s) x {G}"
            f"{', threads of one process' if args.threads else ''}), {args.experts} experts, "
            f"layers: enc {' '.join(model.encoder.plan)} | dec {' '.join(model.decoder.plan)}")
+    if eval_due():  # resumed from a checkpoint without its step's evaluation (one written as its run ended)
+        evaluate_on_the_way()
     started, first_step, saved = time.perf_counter(), state.step, state.step if step_dir else None
     forward = torch.compile(model, dynamic=True) if args.compile else model  # the same parameters
     while state.step < args.steps:
@@ -868,14 +880,11 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
                    f"aux {state.auxes[-1]:.3f} | {n_global / median:,.0f} tgt tok/s | "
                    f"dropped {100 * totals[2] / max(totals[3], 1):.1f}% | MB/step {mb} | ETA {eta:.0f}s "
                    f"({state.step - first_step} steps this run)")
-        if args.ckpt_every and state.step % args.ckpt_every == 0:
+        if eval_due():
+            evaluate_on_the_way()
+        if args.ckpt_every and state.step % args.ckpt_every == 0:  # after the step's evaluation: it keeps it
             save_checkpoint(args, variant, model, opt_shared, opt_experts, state, topo)
             saved = state.step
-        if args.eval_every and state.step % args.eval_every == 0 and state.step < args.steps:
-            scores = evaluate(model, task, topo, device, args.eval_sentences)
-            state.evals.append({"step": state.step, **{k: scores.get(k) for k in ("bleu", "valid_loss")}})
-            print0(f"[{variant.name}] step {state.step}: BLEU {scores.get('bleu', 0):.1f}, "
-                   f"valid loss {scores.get('valid_loss', 0):.3f}")
     train_time = time.perf_counter() - started
     scores = evaluate(model, task, topo, device, args.eval_sentences)
     if topo.rank != 0:
