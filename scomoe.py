@@ -103,14 +103,13 @@ class Turns:
                 waker.notify()
 
     def wait_for_turn(self, rank: int, until=lambda: True) -> None:  # with lock held
-        waker = self.wakers.setdefault(rank, threading.Condition(self.lock))
+        waker = self.wakers.get(rank) or self.wakers.setdefault(rank, threading.Condition(self.lock))
         while True:
             if self.broken:
                 raise RuntimeError(f"VirtualWorld: {self.broken}")
             if self.holder == rank and until():
                 return
             waker.wait()
-
 
 class Meeting:
     """Where the threads of a VirtualWorld's group hand each other values: each member leaves its own and gives up the

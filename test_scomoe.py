@@ -2090,6 +2090,9 @@ def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
     assert "resumed from step 4" in stdout
     assert resumed["losses"] == straight["losses"]
     assert [e["step"] for e in straight["evals"]] == [2, 4, 6, 8] and resumed["evals"] == straight["evals"]
+    run_trainer(tmp_path / "c", "train", *args, "--steps", "6")  # its newest checkpoint (4) holds step 4's evaluation
+    [again], _ = run_trainer(tmp_path / "c", "train", *args, "--steps", "8", "--resume")
+    assert again["evals"] == straight["evals"] and again["losses"] == straight["losses"]  # none done twice
     files = sorted(p.name for p in (tmp_path / "b" / "ckpt" / "seq+cluster" / "step000008").iterdir())
     assert files == ["rank0.pt", "rank1.pt", "rank2.pt", "rank3.pt", "shared.pt"]
 
@@ -2532,7 +2535,11 @@ def test_gap_table_compares_seed_means_with_twice_the_pooled_seed_sd():
     assert "| -0.2 | " in feat and "| +0.001 | " in feat and feat.endswith("|  |")
     rows[1] = row("seq@0.5,0.375", 89.8, 0.4, 0.201, 0.003)  # Seq within noise: nothing to close
     assert toy.gap_table(rows)[3].endswith("| Seq within 2 sd, Seq within 2 sd |")
+    rows[1] = row("seq@0.5,0.375", 92.0, 0.4, 0.15, 0.003)  # Seq better than GShard beyond 2 sd
+    assert toy.gap_table(rows)[3].endswith("| Seq ahead, Seq ahead |")
     assert toy.gap_table(rows[1:]) == ["(no gaps to GShard: they need GShard with at least 2 seeds)"]
+    rows.append({**row("node-limited", 89.0, 0.0, 0.2, 0.0), "seeds": [0]})
+    assert toy.gap_table(rows)[-1] == "(one seed, not compared: node-limited)"
 
 
 def test_sweep_runs_every_point_and_resumes(tmp_path):

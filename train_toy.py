@@ -813,9 +813,9 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     print0(f"[{variant.name}] {n_params / 1e6:.2f}M parameters, {W} ranks ({W // G} node(s) x {G}"
            f"{', threads of one process' if args.threads else ''}), {args.experts} experts, "
            f"layers: enc {' '.join(model.encoder.plan)} | dec {' '.join(model.decoder.plan)}")
+    started, first_step, saved = time.perf_counter(), state.step, state.step if step_dir else None
     if eval_due():  # resumed from a checkpoint without its step's evaluation (one written as its run ended)
         evaluate_on_the_way()
-    started, first_step, saved = time.perf_counter(), state.step, state.step if step_dir else None
     forward = torch.compile(model, dynamic=True) if args.compile else model  # the same parameters
     while state.step < args.steps:
         inject_fault(args, state.step, topo, model)
@@ -965,7 +965,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
               f"{r['cluster_step_s']:>9.3f} {base['cluster_step_s'] / r['cluster_step_s']:>7.2f}x")
     if args.command == "demo":
         print(f"BLEU and valid loss after {args.steps} steps per variant; NOTES.md, section 5.3, compares the "
-              f"default 200 with the same task trained until it settles")
+              f"demo's default budget with the same task trained until it settles")
     print(f"\nMB one training step sends from each rank (row) to each rank (column); | and - mark the node "
           f"boundaries, so traffic outside the diagonal blocks crosses nodes")
     for r in results:
@@ -1006,8 +1006,9 @@ def family(r: dict) -> str:
 def gap_table(rows: list[dict]) -> list[str]:
     """Each variant against GShard, in the sweep's own terms: the difference of the seed means, beside twice the
     pooled seed standard deviation sqrt((sd_variant^2 + sd_gshard^2) / 2); a difference beyond it is marked *.
-    For Seq + clustering, the share of Seq's gap at the same point that clustering closes (when Seq's gap is
-    beyond 2 sd; else there is nothing to close). Rows with fewer than 2 seeds are left out."""
+    For Seq + clustering, the share of Seq's gap at the same point that clustering closes, when Seq is behind by
+    more than 2 sd (below 0: clustering widens it; above 100%: it overtakes GShard). Seeds are taken as unpaired
+    and the two sds weigh alike; rows with one seed are named, not compared."""
     base = next((r for r in rows if r["family"] == "gshard" and len(r["seeds"]) > 1), None)
     if base is None:
         return ["(no gaps to GShard: they need GShard with at least 2 seeds)"]
@@ -1034,10 +1035,12 @@ def gap_table(rows: list[dict]) -> list[str]:
             for key, sign in (("bleu", -1), ("loss", 1)):  # the gap: how far Seq is behind GShard
                 (ds, two_sd), (dc, _) = gap(seq, key), gap(r, key)
                 behind = sign * ds
-                shares.append(f"{(behind - sign * dc) / behind:.0%}" if behind > two_sd else "Seq within 2 sd")
+                shares.append(f"{(behind - sign * dc) / behind:.0%}" if behind > two_sd else
+                              "Seq ahead" if behind < -two_sd else "Seq within 2 sd")
             closes = ", ".join(shares)
         out.append(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | " + " | ".join(cells) + f" | {closes} |")
-    return out
+    single = [r["variant"] for r in rows if len(r["seeds"]) < 2]
+    return out + ([f"(one seed, not compared: {', '.join(single)})"] if single else [])
 
 
 def sweep_report(args: argparse.Namespace) -> None:
