@@ -1023,11 +1023,9 @@ def gap_table(rows: list[dict]) -> list[str]:
         if r is base or r["family"] == "gshard" or len(r["seeds"]) < 2:
             continue
         cells = []
-        for key in ("bleu", "loss"):
+        for key, digits in (("bleu", 1), ("loss", 3)):
             d, two_sd = gap(r, key)
-            beyond = abs(d) > two_sd
-            cells += [f"{d:+.{1 if key == 'bleu' else 3}f}{' *' if beyond else ''}",
-                      f"{two_sd:.{1 if key == 'bleu' else 3}f}"]
+            cells += [f"{d:+.{digits}f}{' *' if abs(d) > two_sd else ''}", f"{two_sd:.{digits}f}"]
         closes = ""
         seq = by_name.get(r["variant"].replace("seq+cluster", "seq", 1)) if r["family"] == "seq+cluster" else None
         if seq is not None and len(seq["seeds"]) > 1:
