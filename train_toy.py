@@ -1,8 +1,8 @@
 """Train a small SCoMoE Transformer on a synthetic multilingual translation task.
 
 One command per job (each has its own flags: python train_toy.py COMMAND --help):
-  python train_toy.py                                  # demo (the default): GShard, node-limited, Seq, Feat and
-                                                       # Seq + clustering on 4 CPU processes as 2 nodes
+  python train_toy.py                                  # demo (the default): GShard, Seq, Feat and Seq +
+                                                       # clustering, 4 ranks as 2 nodes (threads of one process)
   python train_toy.py train --moe seq --token-cluster  # one variant
   python train_toy.py sweep --seeds 0,1,2              # quality against inter-node bytes (resumable)
   python train_toy.py trace --moe seq                  # each token's tier, experts, ranks; bytes per link
@@ -222,6 +222,7 @@ class ModelConfig:
     layers: int = 4  # encoder layers, and decoder layers
     max_len: int = 64  # learned positions
     dropout: float = 0.1
+    attention_dropout: Optional[float] = None  # on the attention weights; None: dropout
     moe: str = "gshard"  # "dense", "gshard", "seq" or "feat": the FFN of every other layer
     token_cluster: bool = False  # the clustering layer order (NOTES.md, section 1), clustering at the first MoE layer
     reorder_layers: bool = False  # that layer order without clustering (to separate the two effects)
@@ -250,9 +251,10 @@ def layer_plan(layers: int, moe: str, token_cluster: bool, decoder: bool, reorde
 
 
 class Attention(nn.Module):
-    def __init__(self, d: int, heads: int, dropout: float) -> None:
+    def __init__(self, d: int, heads: int, dropout: float, weight_dropout: Optional[float] = None) -> None:
         super().__init__()
         self.heads, self.dropout = heads, dropout
+        self.weight_dropout = dropout if weight_dropout is None else weight_dropout
         self.norm = nn.LayerNorm(d)
         self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
 
@@ -263,7 +265,8 @@ class Attention(nn.Module):
         kv_in = h if memory is None else memory
         q = self.q(h).view(B, Tq, self.heads, -1).transpose(1, 2)  # (B, heads, Tq, dh)
         k, v = self.kv(kv_in).view(B, kv_in.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, heads, Tk, dh)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.weight_dropout if self.training else 0.0)
         return x + F.dropout(self.out(y.transpose(1, 2).reshape(B, Tq, d)), self.dropout, self.training)
 
 
@@ -323,7 +326,7 @@ class Stack(nn.Module):
         subs = []
         for kind in self.plan:
             if kind in ("self", "cross"):
-                subs.append(Attention(cfg.d_model, cfg.heads, cfg.dropout))
+                subs.append(Attention(cfg.d_model, cfg.heads, cfg.dropout, cfg.attention_dropout))
             elif kind == "ffn":
                 subs.append(FFN(cfg.d_model, cfg.d_ffn, cfg.dropout))
             else:
@@ -499,6 +502,7 @@ class RunState:
     losses: list = field(default_factory=list)  # global mean loss per step
     auxes: list = field(default_factory=list)
     step_times: list = field(default_factory=list)
+    compute_times: list = field(default_factory=list)  # per step, the mean over ranks of its time outside exchanges
     bytes: dict = field(default_factory=lambda: {link: 0 for link in sc.LINK_CLASSES})  # summed over ranks and steps
     evals: list = field(default_factory=list)  # {"step", "bleu", "valid_loss"} every --eval-every steps
     byte_matrix: list = field(default_factory=list)  # [src][dst] bytes of the last step (rank 0's copy)
@@ -540,7 +544,8 @@ def build_model(args: argparse.Namespace, variant: Variant, task: Task, topo: sc
     shape = world.topologies[0] if world else topo
     moe_cfg = None if variant.moe == "dense" else moe_config(variant.apply(args))
     cfg = ModelConfig(vocab=task.vocab, d_model=args.d_model, d_ffn=args.d_ffn, layers=args.layers,
-                      max_len=max(64, task.max_target_len() + 2), dropout=args.dropout, moe=variant.moe,
+                      max_len=max(64, task.max_target_len() + 2), dropout=args.dropout,
+                      attention_dropout=args.attention_dropout, moe=variant.moe,
                       token_cluster=variant.token_cluster, reorder_layers=variant.reorder,
                       cluster_gate=variant.cluster_gate, cluster_assign=variant.cluster_assign,
                       route_to=cluster_route(variant.apply(args), shape), decode_clustering=args.decode_clustering,
@@ -591,8 +596,8 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 # What a checkpoint can only be resumed with: every flag that changes the task, the model, the data order or
 # the optimizer (not --steps: the learning-rate schedule does not depend on it), besides the variant and the ranks
 FINGERPRINT_FLAGS = ("seed", "languages", "src_words", "train_pairs", "batch", "lr", "warmup", "label_smoothing",
-                     "dropout", "aux_weight", "d_model", "d_ffn", "layers", "experts", "capacity_factor", "ratio1",
-                     "ratio2", "feat_multiple", "feat_hidden")
+                     "dropout", "attention_dropout", "aux_weight", "d_model", "d_ffn", "layers", "experts",
+                     "capacity_factor", "ratio1", "ratio2", "feat_multiple", "feat_hidden")
 
 
 def fingerprint(args: argparse.Namespace, variant: Variant, world: int, ranks_per_node: int) -> dict:
@@ -684,9 +689,10 @@ def newest_checkpoint(root: str) -> tuple[Optional[dict], list[str]]:
 
 
 def load_checkpoint(step_dir: str, model, opt_shared, opt_experts, topo: sc.Topology) -> RunState:
-    """Restore a step that the launcher chose and verified (newest_checkpoint, check_checkpoints)."""
-    shared = torch.load(os.path.join(step_dir, "shared.pt"), weights_only=True)
-    mine = torch.load(os.path.join(step_dir, f"rank{topo.rank}.pt"), weights_only=True)
+    """Restore a step that the launcher chose and verified (newest_checkpoint, check_checkpoints); one written on
+    a GPU resumes on the CPU too (and the other way), with the CPU's random stream."""
+    shared = torch.load(os.path.join(step_dir, "shared.pt"), map_location="cpu", weights_only=True)
+    mine = torch.load(os.path.join(step_dir, f"rank{topo.rank}.pt"), map_location="cpu", weights_only=True)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in {**shared["shared"], **mine["experts"]}.items():
@@ -694,7 +700,7 @@ def load_checkpoint(step_dir: str, model, opt_shared, opt_experts, topo: sc.Topo
     opt_shared.load_state_dict(shared["optimizer"])
     opt_experts.load_state_dict(mine["optimizer"])
     torch.set_rng_state(mine["rng"])
-    if mine["cuda_rng"] is not None:
+    if mine["cuda_rng"] is not None and next(model.parameters()).is_cuda:
         torch.cuda.set_rng_state(mine["cuda_rng"])
     return RunState(**shared["state"])
 
@@ -786,7 +792,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     experts = expert_parameters(model)
     shared_params = [p for p in model.parameters() if id(p) not in experts]
     expert_params = [p for p in model.parameters() if id(p) in experts]
-    adam = dict(lr=args.lr, betas=(0.9, 0.98), eps=1e-9)
+    adam = dict(lr=args.lr, betas=(0.9, 0.98), eps=1e-9, foreach=True)  # on a CPU too: same numbers, fewer ops
     opt_shared = torch.optim.Adam(shared_params, **adam)
     # (a dense model has no experts: Adam then holds a placeholder that never gets a gradient)
     opt_experts = torch.optim.Adam(expert_params or [torch.zeros(1, requires_grad=True)], **adam)
@@ -846,6 +852,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         assigned = torch.stack([r.assigned for r in routings]).sum() if routings else ce.new_zeros(())
         accepted = torch.stack([r.load.sum() for r in routings]).sum() if routings else ce.new_zeros(())
         sent = [sum(led.total(link=link) for led in model.ledgers()) for link in sc.LINK_CLASSES]  # host ints
+        outside = state.step_times[-1] - sum(led.seconds for led in model.ledgers())  # this process's compute
         if state.step + 1 == args.steps:  # the rank-by-rank bytes of one step, for the demo's picture
             held = range(W) if args.threads else [None]  # None: this process's one rank
             matrix = [[sum(led.to_rank.get(r, 0) for led in model.ledgers(rank)) for r in range(W)] for rank in held]
@@ -856,7 +863,8 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         bad_grads = torch.stack([~p.grad.isfinite().all() for p in model.parameters() if p.grad is not None]).sum()
         stats = torch.stack([ce.detach(), aux.detach(), (assigned - accepted).to(ce.dtype), assigned.to(ce.dtype),
                              bad_grads.to(ce.dtype)])
-        totals = all_sum(torch.cat([stats.double(), torch.tensor(sent, dtype=torch.float64, device=device)]))
+        totals = all_sum(torch.cat([stats.double(), torch.tensor(sent + [outside], dtype=torch.float64,
+                                                                   device=device)]))
         if not (math.isfinite(totals[0]) and math.isfinite(totals[1])) or totals[4]:  # global sums: all ranks agree
             what = (f"the loss is not finite ({totals[0] / n_global:g})" if not math.isfinite(totals[0]) else
                     f"the aux loss is not finite ({totals[1]:g})" if not math.isfinite(totals[1]) else
@@ -869,13 +877,14 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
             raise SystemExit(STOPPED)
         state.losses.append(totals[0] / n_global)
         state.auxes.append(totals[1] / topo.world_size)
-        for link, b in zip(sc.LINK_CLASSES, totals[5:]):
+        for link, b in zip(sc.LINK_CLASSES, totals[5:8]):
             state.bytes[link] += int(b)
+        state.compute_times.append(totals[8] / W)  # threads: the world's step, all ranks' work in turn, over W
         state.step += 1
         if state.step % args.log_every == 0 or state.step == args.steps:
             median = statistics.median(state.step_times[-args.log_every:])
             eta = (args.steps - state.step) * median
-            mb = " ".join(f"{short} {b / 1e6:.2f}" for short, b in zip(("device", "node", "inter"), totals[5:]))
+            mb = " ".join(f"{short} {b / 1e6:.2f}" for short, b in zip(("device", "node", "inter"), totals[5:8]))
             print0(f"[{variant.name}] step {state.step}/{args.steps} | loss {state.losses[-1]:.3f} | "
                    f"aux {state.auxes[-1]:.3f} | {n_global / median:,.0f} tgt tok/s | "
                    f"dropped {100 * totals[2] / max(totals[3], 1):.1f}% | MB/step {mb} | ETA {eta:.0f}s "
@@ -890,6 +899,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     if topo.rank != 0:
         return None
     warm = state.step_times[min(5, len(state.step_times) - 1):] or state.step_times
+    warm_compute = state.compute_times[min(5, len(state.compute_times) - 1):] or state.compute_times
     steps_run = max(len(state.losses), 1)
     return {
         "variant": variant.name, "moe": variant.moe, "token_cluster": variant.token_cluster,
@@ -907,6 +917,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         "exact_match": scores["exact_match"], "valid_loss": scores["valid_loss"],
         "valid_accuracy": scores["valid_accuracy"], "example": scores["example"],
         "step_time_s": statistics.median(warm) if warm else None,
+        "compute_s": statistics.median(warm_compute) if warm_compute else None,
         "bytes_per_step": {link: state.bytes[link] / steps_run for link in sc.LINK_CLASSES},
         "train_time_s": train_time, "device": device.type, "losses": state.losses, "aux_losses": state.auxes,
     }
@@ -950,22 +961,27 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
     os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
     G, W = results[0]["ranks_per_node"], results[0]["world_size"]
     for r in results:
-        r["cluster_step_s"] = predict(r["step_time_s"], link_bytes(r["byte_matrix"], G), G, args)
+        r["cluster_step_s"] = predict(r["compute_s"], link_bytes(r["byte_matrix"], G), G, args)
     base = next((r for r in results if r["moe"] == "gshard" and not r["token_cluster"]), results[0])
-    where = f"{W} threads of one process on {results[0]['device']}" if results[0]["threads"] else f"{W} processes"
-    print(f"\n{W} ranks as {W // G} node(s) x {G}; step s measured on this machine ({where} on "
-          f"{os.cpu_count()} cores); predicted on a cluster of the same shape with {args.gbps_intra_node:g} Gbit/s "
-          f"per rank inside a node and {args.gbps_inter_node:g} Gbit/s per node between nodes")
+    threads = results[0]["threads"]
+    where = f"threads of one process on {results[0]['device']}" if threads else "processes"
+    print(f"\n{W} ranks as {W // G} node(s) x {G}, {where} (this machine, {os.cpu_count()} cores)\n"
+          f"step s: measured here; compute s: one rank's part of it outside the all-to-alls ("
+          + (f"the ranks ran in turn: the step / {W})" if threads else "the mean over ranks)") +
+          f"\ncluster s: compute s + one step's ledger bytes over a cluster of this shape, {args.gbps_intra_node:g} "
+          f"Gbit/s per rank inside a node, {args.gbps_inter_node:g} Gbit/s per node between nodes (no latency, no "
+          f"overlap)")
     print(f"{'variant':<14} {'BLEU':>5} {'valid loss':>10} {'MB/step dev':>11} {'node':>6} {'inter':>6} "
-          f"{'step s':>7} {'speed-up':>8} {'cluster s':>9} {'speed-up':>8}")
+          f"{'step s':>7} {'speed-up':>8} {'compute s':>9} {'cluster s':>9} {'speed-up':>8}")
     for r in results:
         mb = [r["bytes_per_step"][link] / 1e6 for link in sc.LINK_CLASSES]
         print(f"{r['variant']:<14} {r['bleu']:>5.1f} {r['valid_loss']:>10.3f} {mb[0]:>11.2f} {mb[1]:>6.2f} "
               f"{mb[2]:>6.2f} {r['step_time_s']:>7.3f} {base['step_time_s'] / r['step_time_s']:>7.2f}x "
-              f"{r['cluster_step_s']:>9.3f} {base['cluster_step_s'] / r['cluster_step_s']:>7.2f}x")
+              f"{r['compute_s']:>9.3f} {r['cluster_step_s']:>9.3f} "
+              f"{base['cluster_step_s'] / r['cluster_step_s']:>7.2f}x")
     if args.command == "demo":
-        print(f"BLEU and valid loss after {args.steps} steps per variant; NOTES.md, section 5.3, compares the "
-              f"demo's default budget with the same task trained until it settles")
+        print(f"BLEU and valid loss after {args.steps} steps per variant: NOTES.md, section 5.3, has the demo's "
+              f"spread over seeds, and section 5.2 the sweep that asks where locality costs quality")
     print(f"\nMB one training step sends from each rank (row) to each rank (column); | and - mark the node "
           f"boundaries, so traffic outside the diagonal blocks crosses nodes")
     for r in results:
@@ -1501,6 +1517,9 @@ def _flags_training() -> argparse.ArgumentParser:
                    help="encoder layers and decoder layers (MoE in every other: an MoE variant needs >= 2, "
                         "with clustering >= 4)")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout")
+    g.add_argument("--attention-dropout", type=float, default=None,
+                   help="dropout of the attention weights (None: --dropout's); 0 lets PyTorch's attention take its "
+                        "fast kernel on a CPU")
     g.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss")
     g.add_argument("--cluster-gate", default="softmax", choices=["softmax", "sigmoid"],
                    help="clustering gate: softmax with differentiable sorting, or BASE layers' sigmoid")
@@ -1550,10 +1569,11 @@ def _flags_processes() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("processes")
     g.add_argument("--nproc", type=int, default=4, help="CPU processes to spawn when not under torchrun")
-    g.add_argument("--threads", action="store_true",
+    g.add_argument("--threads", action=argparse.BooleanOptionalAction, default=False,
                    help="run the --nproc ranks as threads of one process on one device (a GPU, or the CPU), not as "
                         "processes: the same model, data and training (train, demo, sweep); dropout masks come "
-                        "from one random stream, not one per rank")
+                        "from one random stream, not one per rank (None, the demo's default: threads unless torchrun "
+                        "started it)")
     g.add_argument("--ranks-per-node", type=int, default=None,
                    help="ranks per (emulated) node; default 2 when spawning, LOCAL_WORLD_SIZE under torchrun")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -1573,12 +1593,17 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     demo = sub.add_parser("demo", parents=[task(), moe(), training(), cost(), procs()], formatter_class=fmt,
-                          help="(default) the classroom demo: GShard, node-limited, Seq, Feat, Seq + clustering",
-                          description="Train each variant at one locality point on a small task (4 languages, "
-                                      "4 + 4 layers, a short budget that fits 5 minutes on 2 cores), then compare "
-                                      "quality, bytes per link, each rank's traffic, and the step time predicted "
-                                      "on a stated cluster.")
-    demo.set_defaults(steps=200, languages=4, train_pairs=4000, layers=4, fail_at_step=None, nan_at_step=None)
+                          help="(default) the classroom demo: GShard, Seq, Feat, Seq + clustering",
+                          description="Train each variant at one locality point on a small task that it learns "
+                                      "within the budget (2 languages, 4 + 4 layers, 325 steps: about 5 minutes on "
+                                      "2 cores, the 4 ranks as threads of one process), then compare quality, bytes "
+                                      "per link, each rank's traffic, and the step time predicted on a stated "
+                                      "cluster.")
+    demo.add_argument_group("demo").add_argument(
+        "--variants", default="gshard,seq,feat,seq+cluster",
+        help=f"comma-separated, from {','.join(SWEEP_VARIANTS)} (Seq and Feat at --ratio1, --ratio2)")
+    demo.set_defaults(steps=325, languages=2, src_words=24, train_pairs=4000, layers=4, attention_dropout=0.0,
+                      threads=None, fail_at_step=None, nan_at_step=None)
 
     train = sub.add_parser("train", parents=[task(), moe(), training(), cost(), procs()], formatter_class=fmt,
                            help="train one variant", description="Train one variant and evaluate it.")
@@ -1643,6 +1668,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         argv = ["demo", *argv]
     p = build_parser()
     args = p.parse_args(argv)
+    if args.command == "demo" and args.threads is None:
+        args.threads = "RANK" not in os.environ
     check_args(args, p._subparsers._group_actions[0].choices[args.command])
     return args
 
@@ -1705,9 +1732,10 @@ def check_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
             p.error(f"--batch {args.batch} does not split evenly over {world} ranks: use a multiple of {world}")
         if args.batch > args.train_pairs:
             p.error(f"--batch {args.batch} exceeds the {args.train_pairs} training pairs (--train-pairs)")
-        if not 0 <= args.dropout < 1 or args.lr <= 0 or args.aux_weight < 0:
-            p.error(f"need 0 <= --dropout < 1 (got {args.dropout}), --lr > 0 (got {args.lr}), "
-                    f"--aux-weight >= 0 (got {args.aux_weight})")
+        if not 0 <= args.dropout < 1 or not 0 <= (args.attention_dropout or 0) < 1 or args.lr <= 0 or \
+                args.aux_weight < 0:
+            p.error(f"need 0 <= --dropout < 1 (got {args.dropout}), 0 <= --attention-dropout < 1 (got "
+                    f"{args.attention_dropout}), --lr > 0 (got {args.lr}), --aux-weight >= 0 (got {args.aux_weight})")
         if not 0 <= args.label_smoothing < 1:
             p.error(f"--label-smoothing {args.label_smoothing}: must lie in [0, 1)")
     if args.command == "train":
@@ -1830,21 +1858,16 @@ def variants(args: argparse.Namespace, p: Optional[argparse.ArgumentParser] = No
     """The variants a command trains (the demo's and the sweep's at their locality points)."""
     if args.command == "train":
         return [Variant(args.moe, args.token_cluster, args.cluster_gate, args.reorder_layers, args.cluster_assign)]
-    if args.command == "demo":
-        return [Variant("gshard"), Variant("node-limited"), Variant("seq"), Variant("feat"),
-                Variant("seq", token_cluster=True)]
-    if args.command == "sweep":
+    if args.command in ("demo", "sweep"):  # the demo's Seq and Feat at --ratio1, --ratio2; the sweep's at --points
         p = p or argparse.ArgumentParser()
         names = args.variants.split(",")
         if bad := [n for n in names if n not in SWEEP_VARIANTS]:
             p.error(f"--variants: unknown {', '.join(bad)}; choose from {','.join(SWEEP_VARIANTS)}")
+        points = parse_points(args.points, p) if args.command == "sweep" else [None]
         out = []
         for name in names:
             moe, cluster = name.split("+")[0], name.endswith("+cluster")
-            if moe in ("seq", "feat"):
-                out += [Variant(moe, cluster, point=pt) for pt in parse_points(args.points, p)]
-            else:
-                out.append(Variant(moe))
+            out += [Variant(moe, cluster, point=pt) for pt in points] if moe in ("seq", "feat") else [Variant(moe)]
         return out
     return [Variant(args.moe)] if args.command == "trace" else [Variant(k) for k in ("gshard", "seq", "feat")]
 
