@@ -2023,10 +2023,10 @@ RESULT_KEYS = {"moe", "token_cluster", "ratio1", "ratio2", "world_size", "ranks_
                "bleu", "step_time_s", "bytes_per_step"}
 
 
-def run_trainer(out: Path, command: str, *args: str) -> tuple[list[dict], str]:
+def run_trainer(out: Path, command: str, *args: str, env: dict | None = None) -> tuple[list[dict], str]:
     """Run `train_toy.py command` as a user would (4 spawned CPU processes by default); results.json, stdout."""
     proc = subprocess.run([sys.executable, "train_toy.py", command, *TINY, *args, "--out", str(out)], cwd=HERE,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), proc.stdout
 
@@ -2685,3 +2685,14 @@ def test_clustering_on_cuda(gate):
         results.append((out.detach().cpu(), x.grad.cpu(), layer.router.weight.grad.cpu()))
     for a, b in zip(*results):
         assert_close(b, a)
+
+
+@cuda
+def test_a_gpu_checkpoint_resumes_on_the_cpu(tmp_path):
+    """A checkpoint written by a GPU run (the ranks as threads, its CUDA random state saved) resumes on a machine
+    without a GPU (here: none visible) and trains on to the end."""
+    flags = ["--moe", "seq", "--threads", "--ckpt-every", "2"]
+    run_trainer(tmp_path, "train", *flags, "--steps", "4", "--device", "cuda")
+    [result], stdout = run_trainer(tmp_path, "train", *flags, "--steps", "6", "--device", "cpu", "--resume",
+                                   env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert "resumed from step 4" in stdout and result["steps"] == 6 and result["device"] == "cpu"
