@@ -336,8 +336,8 @@ class CommLedger:
         self.bytes: dict[tuple[str, str, str], int] = {}  # (tag, direction, link) -> bytes
         self.calls: dict[tuple[str, str], int] = {}
         self.to_rank: dict[int, int] = {}  # global rank -> bytes handed to it (every tag and direction)
-        self.seconds = 0.0  # host wall clock inside torch.distributed all-to-alls (waits for peers included; on a
-        #   GPU with NCCL only the launch, the exchange itself running asynchronously); a VirtualWorld's are not timed
+        self.seconds = 0.0  # host wall clock inside exchanges, waits for peers included (on a GPU the host's view:
+        #   NCCL's run asynchronously, gloo's wait for the GPU's queued work first); a VirtualWorld's are not timed
 
     def record(self, tag: str, direction: str, sent: Sequence[int], group: CommGroup) -> None:
         """Add `sent[j]` bytes handed to member j of `group` (rank group.ranks[j], link group.links[j])."""

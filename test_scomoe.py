@@ -543,6 +543,7 @@ def _all_to_all_vs_torch(ranks_per_node: int, variable: bool):
     cot = torch.randn(sum(recv), 5, generator=g, dtype=torch.float64)
     ledger = sc.CommLedger()
     x1 = x.clone().requires_grad_()
+    dist.barrier()
     if r == 1:  # late: the others wait for it inside the exchange, and their ledgers time the wait
         time.sleep(0.3)
     y1 = sc.all_to_all(x1, topo.world, send if variable else None, recv if variable else None, ledger=ledger, tag="t")
@@ -559,7 +560,7 @@ def _all_to_all_vs_torch(ranks_per_node: int, variable: bool):
             expect = sum(s * 5 * 8 for j, s in enumerate(splits) if topo.link(j) == link)
             assert ledger.total(link=link, direction=direction, tag="t") == expect
     assert ledger.calls == {("t", "forward"): 1, ("t", "backward"): 1}
-    assert ledger.seconds >= (0.25 if r != 1 else 0) and ledger.seconds > 0
+    assert ledger.seconds >= (0.2 if r != 1 else 0) and ledger.seconds > 0
     ledger.reset()
     assert ledger.total() == 0 and not ledger.calls and ledger.seconds == 0
 
@@ -2063,7 +2064,7 @@ def test_demo_trains_its_variants_and_predicts_a_cluster_step(tmp_path):
     results, stdout = run_trainer(tmp_path / "threads", "demo", "--steps", "3", "--eval-sentences", "4", "--layers",
                                   "4")
     assert [r["variant"] for r in results] == ["gshard", "seq", "feat", "seq+cluster"]
-    args = toy.parse_args(["demo"])
+    args = toy.parse_args(["demo", "--out", str(tmp_path / "args")])  # the cost model's link rates
     rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.split()[:1] and
             line.split()[0] in {r["variant"] for r in results} and "x" in line}
     for r in results:

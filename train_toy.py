@@ -960,25 +960,28 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
     shutil.copyfile(path, os.path.join(args.out, "results.json.tmp"))
     os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
     G, W = results[0]["ranks_per_node"], results[0]["world_size"]
-    for r in results:
-        r["cluster_step_s"] = predict(r["compute_s"], link_bytes(r["byte_matrix"], G), G, args)
+    for r in results:  # (a run resumed from a checkpoint of its last step has no step of its own to time)
+        r["cluster_step_s"] = predict(r["compute_s"], link_bytes(r["byte_matrix"], G), G, args) \
+            if r["compute_s"] is not None else None
     base = next((r for r in results if r["moe"] == "gshard" and not r["token_cluster"]), results[0])
     threads = results[0]["threads"]
     where = f"threads of one process on {results[0]['device']}" if threads else "processes"
     print(f"\n{W} ranks as {W // G} node(s) x {G}, {where} (this machine, {os.cpu_count()} cores)\n"
           f"step s: measured here; compute s: one rank's part of it outside the all-to-alls ("
-          + (f"the ranks ran in turn: the step / {W})" if threads else "the mean over ranks)") +
+          + (f"the step / {W}: a lower bound, the dense layers ran once for all ranks)" if threads else
+             "the mean over ranks; waits for peers at other collectives included)") +
           f"\ncluster s: compute s + one step's ledger bytes over a cluster of this shape, {args.gbps_intra_node:g} "
           f"Gbit/s per rank inside a node, {args.gbps_inter_node:g} Gbit/s per node between nodes (no latency, no "
           f"overlap)")
+    print(f"speed-up: against {base['variant']}")
     print(f"{'variant':<14} {'BLEU':>5} {'valid loss':>10} {'MB/step dev':>11} {'node':>6} {'inter':>6} "
           f"{'step s':>7} {'speed-up':>8} {'compute s':>9} {'cluster s':>9} {'speed-up':>8}")
     for r in results:
         mb = [r["bytes_per_step"][link] / 1e6 for link in sc.LINK_CLASSES]
+        predicted = f"{'-':>9} {'-':>9} {'-':>8}" if None in (r["cluster_step_s"], base["cluster_step_s"]) else \
+            f"{r['compute_s']:>9.3f} {r['cluster_step_s']:>9.3f} {base['cluster_step_s'] / r['cluster_step_s']:>7.2f}x"
         print(f"{r['variant']:<14} {r['bleu']:>5.1f} {r['valid_loss']:>10.3f} {mb[0]:>11.2f} {mb[1]:>6.2f} "
-              f"{mb[2]:>6.2f} {r['step_time_s']:>7.3f} {base['step_time_s'] / r['step_time_s']:>7.2f}x "
-              f"{r['compute_s']:>9.3f} {r['cluster_step_s']:>9.3f} "
-              f"{base['cluster_step_s'] / r['cluster_step_s']:>7.2f}x")
+              f"{mb[2]:>6.2f} {r['step_time_s']:>7.3f} {base['step_time_s'] / r['step_time_s']:>7.2f}x {predicted}")
     if args.command == "demo":
         print(f"BLEU and valid loss after {args.steps} steps per variant: NOTES.md, section 5.3, has the demo's "
               f"spread over seeds, and section 5.2 the sweep that asks where locality costs quality")
@@ -1572,8 +1575,7 @@ def _flags_processes() -> argparse.ArgumentParser:
     g.add_argument("--threads", action=argparse.BooleanOptionalAction, default=False,
                    help="run the --nproc ranks as threads of one process on one device (a GPU, or the CPU), not as "
                         "processes: the same model, data and training (train, demo, sweep); dropout masks come "
-                        "from one random stream, not one per rank (None, the demo's default: threads unless torchrun "
-                        "started it)")
+                        "from one random stream, not one per rank (the demo's default, unless torchrun started it)")
     g.add_argument("--ranks-per-node", type=int, default=None,
                    help="ranks per (emulated) node; default 2 when spawning, LOCAL_WORLD_SIZE under torchrun")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
