@@ -33,7 +33,6 @@ import math
 import numbers
 import os
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, ClassVar, NamedTuple, Optional, Sequence
 
@@ -329,15 +328,12 @@ class VirtualWorld:
 # --- 2. All-to-all with a link ledger (paper: "The problem") ----------------------------------------------------------
 
 class CommLedger:
-    """Bytes this rank handed to each link class by (tag, direction, link), and the seconds it spent in exchanges:
-    plain data a caller reads and resets."""
+    """Bytes this rank handed to each link class by (tag, direction, link): plain data a caller reads and resets."""
 
     def __init__(self) -> None:
         self.bytes: dict[tuple[str, str, str], int] = {}  # (tag, direction, link) -> bytes
         self.calls: dict[tuple[str, str], int] = {}
         self.to_rank: dict[int, int] = {}  # global rank -> bytes handed to it (every tag and direction)
-        self.seconds = 0.0  # host wall clock inside exchanges, waits for peers included (on a GPU the host's view:
-        #   NCCL's run asynchronously, gloo's wait for the GPU's queued work first); a VirtualWorld's are not timed
 
     def record(self, tag: str, direction: str, sent: Sequence[int], group: CommGroup) -> None:
         """Add `sent[j]` bytes handed to member j of `group` (rank group.ranks[j], link group.links[j])."""
@@ -363,7 +359,6 @@ class CommLedger:
     def reset(self) -> None:
         for counts in (self.bytes, self.calls, self.to_rank):
             counts.clear()
-        self.seconds = 0.0
 
 def _all_to_all_single(x: Tensor, group: CommGroup, send: Splits, recv: Splits, ledger: Optional[CommLedger],
                        tag: str, direction: str) -> Tensor:
@@ -372,10 +367,7 @@ def _all_to_all_single(x: Tensor, group: CommGroup, send: Splits, recv: Splits, 
     if ledger is not None:
         ledger.record_rows(tag, direction, send if send is not None else [x.shape[0] // group.size] * group.size, x,
                            group)
-    start = time.perf_counter()
     group.exchange(out, x, send, recv)
-    if ledger is not None:
-        ledger.seconds += time.perf_counter() - start
     return out
 
 class _AllToAll(torch.autograd.Function):

@@ -543,9 +543,6 @@ def _all_to_all_vs_torch(ranks_per_node: int, variable: bool):
     cot = torch.randn(sum(recv), 5, generator=g, dtype=torch.float64)
     ledger = sc.CommLedger()
     x1 = x.clone().requires_grad_()
-    dist.barrier()
-    if r == 1:  # late: the others wait for it inside the exchange, and their ledgers time the wait
-        time.sleep(0.3)
     y1 = sc.all_to_all(x1, topo.world, send if variable else None, recv if variable else None, ledger=ledger, tag="t")
     (y1 * cot).sum().backward()
     x2 = x.clone().requires_grad_()
@@ -560,16 +557,14 @@ def _all_to_all_vs_torch(ranks_per_node: int, variable: bool):
             expect = sum(s * 5 * 8 for j, s in enumerate(splits) if topo.link(j) == link)
             assert ledger.total(link=link, direction=direction, tag="t") == expect
     assert ledger.calls == {("t", "forward"): 1, ("t", "backward"): 1}
-    assert ledger.seconds >= (0.2 if r != 1 else 0) and ledger.seconds > 0
     ledger.reset()
-    assert ledger.total() == 0 and not ledger.calls and ledger.seconds == 0
+    assert ledger.total() == 0 and not ledger.calls
 
 
 @pytest.mark.parametrize("variable", [False, True])
 def test_all_to_all_matches_torch(workers, variable):
     """The all-to-all Function's forward and backward equal torch.distributed.nn's all_to_all_single
-    bit for bit, with even and variable splits, and the ledger counts each destination's bytes by link and the
-    seconds spent in the exchanges, a wait for a late peer included."""
+    bit for bit, with even and variable splits, and the ledger counts each destination's bytes by link."""
     workers.run(_all_to_all_vs_torch, 2, variable)
 
 
@@ -2058,9 +2053,8 @@ def test_argmax_clustering_with_the_sigmoid_gate_trains(tmp_path):
 def test_demo_trains_its_variants_and_predicts_a_cluster_step(tmp_path):
     """The demo trains GShard, Seq, Feat and Seq + clustering (its ranks threads of one process), prints the table
     and each variant's rank-by-rank bytes, and writes one results.json entry per variant; Seq and Feat send fewer
-    bytes across nodes than GShard. A rank's compute is its share of the step (the threads ran in turn), and the
-    predicted cluster step is that compute plus the step's bytes over the stated links. As processes
-    (--no-threads), the compute is the step less the time inside the all-to-alls; node-limited routing too."""
+    bytes across nodes than GShard. The predicted cluster step is a rank's compute-only step plus the step's bytes
+    over the stated links. As processes (--no-threads), with node-limited routing, too."""
     results, stdout = run_trainer(tmp_path / "threads", "demo", "--steps", "3", "--eval-sentences", "4", "--layers",
                                   "4")
     assert [r["variant"] for r in results] == ["gshard", "seq", "feat", "seq+cluster"]
@@ -2072,7 +2066,7 @@ def test_demo_trains_its_variants_and_predicts_a_cluster_step(tmp_path):
         matrix = r["byte_matrix"]  # (src, dst) bytes of the last step; the off-node blocks are inter-node
         assert sum(matrix[s][d] for s in range(4) for d in range(4) if s // 2 != d // 2) == \
             pytest.approx(r["bytes_per_step"]["inter_node"], rel=0.35)
-        assert r["compute_s"] == pytest.approx(r["step_time_s"] / 4, rel=1e-9)
+        assert r["compute_s"] > 0
         cluster = toy.predict(r["compute_s"], toy.link_bytes(matrix, 2), 2, args)
         assert float(rows[r["variant"]][8]) == round(r["compute_s"], 3)
         assert float(rows[r["variant"]][9]) == pytest.approx(cluster, abs=6e-4)
@@ -2083,7 +2077,7 @@ def test_demo_trains_its_variants_and_predicts_a_cluster_step(tmp_path):
     results, _ = run_trainer(tmp_path / "processes", "demo", "--no-threads", "--variants", "gshard,node-limited",
                              "--steps", "3", "--eval-sentences", "4")
     assert [r["variant"] for r in results] == ["gshard", "node-limited"] and not results[0]["threads"]
-    assert all(0 < r["compute_s"] < r["step_time_s"] for r in results)
+    assert all(r["compute_s"] > 0 for r in results)
     assert results[1]["bytes_per_step"]["inter_node"] < results[0]["bytes_per_step"]["inter_node"]
 
 

@@ -502,7 +502,6 @@ class RunState:
     losses: list = field(default_factory=list)  # global mean loss per step
     auxes: list = field(default_factory=list)
     step_times: list = field(default_factory=list)
-    compute_times: list = field(default_factory=list)  # per step, the mean over ranks of its time outside exchanges
     bytes: dict = field(default_factory=lambda: {link: 0 for link in sc.LINK_CLASSES})  # summed over ranks and steps
     evals: list = field(default_factory=list)  # {"step", "bleu", "valid_loss"} every --eval-every steps
     byte_matrix: list = field(default_factory=list)  # [src][dst] bytes of the last step (rank 0's copy)
@@ -852,7 +851,6 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         assigned = torch.stack([r.assigned for r in routings]).sum() if routings else ce.new_zeros(())
         accepted = torch.stack([r.load.sum() for r in routings]).sum() if routings else ce.new_zeros(())
         sent = [sum(led.total(link=link) for led in model.ledgers()) for link in sc.LINK_CLASSES]  # host ints
-        outside = state.step_times[-1] - sum(led.seconds for led in model.ledgers())  # this process's compute
         if state.step + 1 == args.steps:  # the rank-by-rank bytes of one step, for the demo's picture
             held = range(W) if args.threads else [None]  # None: this process's one rank
             matrix = [[sum(led.to_rank.get(r, 0) for led in model.ledgers(rank)) for r in range(W)] for rank in held]
@@ -863,8 +861,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         bad_grads = torch.stack([~p.grad.isfinite().all() for p in model.parameters() if p.grad is not None]).sum()
         stats = torch.stack([ce.detach(), aux.detach(), (assigned - accepted).to(ce.dtype), assigned.to(ce.dtype),
                              bad_grads.to(ce.dtype)])
-        totals = all_sum(torch.cat([stats.double(), torch.tensor(sent + [outside], dtype=torch.float64,
-                                                                   device=device)]))
+        totals = all_sum(torch.cat([stats.double(), torch.tensor(sent, dtype=torch.float64, device=device)]))
         if not (math.isfinite(totals[0]) and math.isfinite(totals[1])) or totals[4]:  # global sums: all ranks agree
             what = (f"the loss is not finite ({totals[0] / n_global:g})" if not math.isfinite(totals[0]) else
                     f"the aux loss is not finite ({totals[1]:g})" if not math.isfinite(totals[1]) else
@@ -877,14 +874,13 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
             raise SystemExit(STOPPED)
         state.losses.append(totals[0] / n_global)
         state.auxes.append(totals[1] / topo.world_size)
-        for link, b in zip(sc.LINK_CLASSES, totals[5:8]):
+        for link, b in zip(sc.LINK_CLASSES, totals[5:]):
             state.bytes[link] += int(b)
-        state.compute_times.append(totals[8] / W)  # threads: the world's step, all ranks' work in turn, over W
         state.step += 1
         if state.step % args.log_every == 0 or state.step == args.steps:
             median = statistics.median(state.step_times[-args.log_every:])
             eta = (args.steps - state.step) * median
-            mb = " ".join(f"{short} {b / 1e6:.2f}" for short, b in zip(("device", "node", "inter"), totals[5:8]))
+            mb = " ".join(f"{short} {b / 1e6:.2f}" for short, b in zip(("device", "node", "inter"), totals[5:]))
             print0(f"[{variant.name}] step {state.step}/{args.steps} | loss {state.losses[-1]:.3f} | "
                    f"aux {state.auxes[-1]:.3f} | {n_global / median:,.0f} tgt tok/s | "
                    f"dropped {100 * totals[2] / max(totals[3], 1):.1f}% | MB/step {mb} | ETA {eta:.0f}s "
@@ -899,7 +895,6 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     if topo.rank != 0:
         return None
     warm = state.step_times[min(5, len(state.step_times) - 1):] or state.step_times
-    warm_compute = state.compute_times[min(5, len(state.compute_times) - 1):] or state.compute_times
     steps_run = max(len(state.losses), 1)
     return {
         "variant": variant.name, "moe": variant.moe, "token_cluster": variant.token_cluster,
@@ -917,7 +912,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         "exact_match": scores["exact_match"], "valid_loss": scores["valid_loss"],
         "valid_accuracy": scores["valid_accuracy"], "example": scores["example"],
         "step_time_s": statistics.median(warm) if warm else None,
-        "compute_s": statistics.median(warm_compute) if warm_compute else None,
+        "compute_s": compute_only_step(args, variant, task, device),
         "bytes_per_step": {link: state.bytes[link] / steps_run for link in sc.LINK_CLASSES},
         "train_time_s": train_time, "device": device.type, "losses": state.losses, "aux_losses": state.auxes,
     }
@@ -925,6 +920,34 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
 
 # ----------------------------------------------------------------------------
 # Reports: the classroom demo's table and traffic picture, the sweep's table and curves
+
+
+def compute_only_step(args: argparse.Namespace, variant: Variant, task: Task, device: torch.device,
+                      reps: int = 10) -> float:
+    """The cost model's compute: the median time of one rank's training step, with every exchange a local copy of
+    the same shape (rank 0 of the same world, in this process, on its share of the global batch; fresh weights),
+    as `bench` times one layer. Two warm-up steps first."""
+    W, G = world_and_rpn(args)
+    model = build_model(argparse.Namespace(**{**vars(args), "threads": False}), variant, task,
+                        sc.emulated_topology(W, G), device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)
+    src, tgt_in, tgt_out = (t.to(device) for t in train_batch(task, 0, 0, W, args.batch // W, args.seed))
+    times = []
+    for _ in range(reps + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits, moe_outs = model(src, tgt_in)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=PAD)
+        if moe_outs:
+            loss = loss + args.aux_weight * torch.stack([o.aux_loss for o in moe_outs]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
 
 
 def link_bytes(matrix: list[list[int]], G: int) -> list[dict]:
@@ -960,16 +983,14 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
     shutil.copyfile(path, os.path.join(args.out, "results.json.tmp"))
     os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
     G, W = results[0]["ranks_per_node"], results[0]["world_size"]
-    for r in results:  # (a run resumed from a checkpoint of its last step has no step of its own to time)
-        r["cluster_step_s"] = predict(r["compute_s"], link_bytes(r["byte_matrix"], G), G, args) \
-            if r["compute_s"] is not None else None
+    for r in results:
+        r["cluster_step_s"] = predict(r["compute_s"], link_bytes(r["byte_matrix"], G), G, args)
     base = next((r for r in results if r["moe"] == "gshard" and not r["token_cluster"]), results[0])
     threads = results[0]["threads"]
     where = f"threads of one process on {results[0]['device']}" if threads else "processes"
     print(f"\n{W} ranks as {W // G} node(s) x {G}, {where} (this machine, {os.cpu_count()} cores)\n"
-          f"step s: measured here; compute s: one rank's part of it outside the all-to-alls ("
-          + (f"the step / {W}: a lower bound, the dense layers ran once for all ranks)" if threads else
-             "the mean over ranks; waits for peers at other collectives included)") +
+          f"step s: measured here; compute s: one rank's step alone, every exchange a local copy (rank 0, its "
+          f"share of the batch, fresh weights)" +
           f"\ncluster s: compute s + one step's ledger bytes over a cluster of this shape, {args.gbps_intra_node:g} "
           f"Gbit/s per rank inside a node, {args.gbps_inter_node:g} Gbit/s per node between nodes (no latency, no "
           f"overlap)")
@@ -978,10 +999,10 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
           f"{'step s':>7} {'speed-up':>8} {'compute s':>9} {'cluster s':>9} {'speed-up':>8}")
     for r in results:
         mb = [r["bytes_per_step"][link] / 1e6 for link in sc.LINK_CLASSES]
-        predicted = f"{'-':>9} {'-':>9} {'-':>8}" if None in (r["cluster_step_s"], base["cluster_step_s"]) else \
-            f"{r['compute_s']:>9.3f} {r['cluster_step_s']:>9.3f} {base['cluster_step_s'] / r['cluster_step_s']:>7.2f}x"
         print(f"{r['variant']:<14} {r['bleu']:>5.1f} {r['valid_loss']:>10.3f} {mb[0]:>11.2f} {mb[1]:>6.2f} "
-              f"{mb[2]:>6.2f} {r['step_time_s']:>7.3f} {base['step_time_s'] / r['step_time_s']:>7.2f}x {predicted}")
+              f"{mb[2]:>6.2f} {r['step_time_s']:>7.3f} {base['step_time_s'] / r['step_time_s']:>7.2f}x "
+              f"{r['compute_s']:>9.3f} {r['cluster_step_s']:>9.3f} "
+              f"{base['cluster_step_s'] / r['cluster_step_s']:>7.2f}x")
     if args.command == "demo":
         print(f"BLEU and valid loss after {args.steps} steps per variant: NOTES.md, section 5.3, has the demo's "
               f"spread over seeds, and section 5.2 the sweep that asks where locality costs quality")
