@@ -2059,8 +2059,9 @@ def test_demo_trains_its_variants_and_predicts_a_cluster_step(tmp_path):
                                   "4")
     assert [r["variant"] for r in results] == ["gshard", "seq", "feat", "seq+cluster"]
     args = toy.parse_args(["demo", "--out", str(tmp_path / "args")])  # the cost model's link rates
-    rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.split()[:1] and
-            line.split()[0] in {r["variant"] for r in results} and "x" in line}
+    names = {r["variant"] for r in results}
+    rows = {cols[0]: cols for cols in map(str.split, stdout.splitlines()) if cols[:1] and cols[0] in names and
+            "x" in cols[-1]}  # the table's rows: variant first, a speed-up last
     for r in results:
         assert RESULT_KEYS <= set(r) and r["steps"] == 3 and r["threads"]
         matrix = r["byte_matrix"]  # (src, dst) bytes of the last step; the off-node blocks are inter-node

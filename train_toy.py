@@ -783,6 +783,14 @@ def gather_objects(obj) -> list:
     return out
 
 
+def step_losses(logits: Tensor, moe_outs: list, tgt_out: Tensor, args: argparse.Namespace) -> tuple[Tensor, ...]:
+    """A training step's cross entropy, summed over this rank's target tokens, and its MoE layers' mean aux loss."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=PAD,
+                         reduction="sum", label_smoothing=args.label_smoothing)
+    aux = torch.stack([o.aux_loss for o in moe_outs]).mean() if moe_outs else ce.new_zeros(())
+    return ce, aux
+
+
 def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: sc.Topology,
                   device: torch.device) -> Optional[dict]:
     """Train one variant for args.steps steps (resuming if asked) and evaluate it; the result on rank 0."""
@@ -833,9 +841,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         for group in opt_shared.param_groups + opt_experts.param_groups:
             group["lr"] = lr_at(state.step, args)
         logits, moe_outs = forward(src, tgt_in)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=PAD,
-                             reduction="sum", label_smoothing=args.label_smoothing)
-        aux = torch.stack([o.aux_loss for o in moe_outs]).mean() if moe_outs else ce.new_zeros(())
+        ce, aux = step_losses(logits, moe_outs, tgt_out, args)
         loss = ce / n_global + args.aux_weight * aux / topo.world_size  # the gradient sum over ranks is the mean
         opt_shared.zero_grad(set_to_none=True)
         opt_experts.zero_grad(set_to_none=True)
@@ -932,15 +938,14 @@ def compute_only_step(args: argparse.Namespace, variant: Variant, task: Task, de
                         sc.emulated_topology(W, G), device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True)
     src, tgt_in, tgt_out = (t.to(device) for t in train_batch(task, 0, 0, W, args.batch // W, args.seed))
+    n_tokens = int((tgt_out != PAD).sum()) * W  # the global count the training step divides by, as if even
     times = []
     for _ in range(reps + 2):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        logits, moe_outs = model(src, tgt_in)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=PAD)
-        if moe_outs:
-            loss = loss + args.aux_weight * torch.stack([o.aux_loss for o in moe_outs]).mean()
+        ce, aux = step_losses(*model(src, tgt_in), tgt_out, args)
+        loss = ce / n_tokens + args.aux_weight * aux / W
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -990,7 +995,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
     where = f"threads of one process on {results[0]['device']}" if threads else "processes"
     print(f"\n{W} ranks as {W // G} node(s) x {G}, {where} (this machine, {os.cpu_count()} cores)\n"
           f"step s: measured here; compute s: one rank's step alone, every exchange a local copy (rank 0, its "
-          f"share of the batch, fresh weights)" +
+          f"share of the batch, fresh weights)"
           f"\ncluster s: compute s + one step's ledger bytes over a cluster of this shape, {args.gbps_intra_node:g} "
           f"Gbit/s per rank inside a node, {args.gbps_inter_node:g} Gbit/s per node between nodes (no latency, no "
           f"overlap)")
