@@ -131,7 +131,8 @@ class Case(NamedTuple):
     pads: list  # per rank (t_r,) padding masks
     cots: list  # per rank (t_r, d) cotangents of the outputs
     router: torch.Tensor  # (E, d)
-    experts: dict  # tier or "all" -> {"w1": (E, d_slice, f), "b1": (E, 1, f), "w2": (E, f, d_slice), "b2": (E, 1, d_slice)}
+    # tier or "all" -> {"w1": (E, d_slice, f), "b1": (E, 1, f), "w2": (E, f, d_slice), "b2": (E, 1, d_slice)}
+    experts: dict
 
 
 def make_case(seed: int, counts: list[int], cfg: sc.MoEConfig, widths: dict[str, int] | None = None,
@@ -1859,7 +1860,8 @@ def _cluster_roundtrip(route_to: str, gate: str, balanced: bool = True):
     assert plan.recv_splits == [sends[topo.rank] for sends in every_send]  # what each rank sent us
     if balanced:  # every rank receives t_pad / W tokens from every rank
         padded = [t + (-t) % WORLD for t in COUNTS]
-        assert plan.recv_splits == [t // WORLD for t in padded] and plan.send_splits == [padded[topo.rank] // WORLD] * WORLD
+        assert plan.recv_splits == [t // WORLD for t in padded]
+        assert plan.send_splits == [padded[topo.rank] // WORLD] * WORLD
     else:
         assert sum(plan.send_splits) == COUNTS[topo.rank]
     back = sc.uncluster(moved, plan, layer.ledger)
@@ -2337,7 +2339,8 @@ def test_corpus_bleu_matches_sacrebleu():
     corpora = []
     for _ in range(8):
         refs = [[f"w{x}" for x in g.integers(0, 6, g.integers(1, 12))] for _ in range(20)]
-        hyps = [[w if g.random() < 0.7 else f"w{g.integers(0, 6)}" for w in r][:g.integers(1, len(r) + 2)] for r in refs]
+        hyps = [[w if g.random() < 0.7 else f"w{g.integers(0, 6)}" for w in r][:g.integers(1, len(r) + 2)]
+                for r in refs]
         corpora.append((hyps, refs))
     refs = [["a", "b", "c", "d", "e"], ["f", "g", "h", "i"]]
     corpora += [(refs, refs), ([["x", "y"], ["z"]], refs), ([["a", "b"], ["f"]], refs),

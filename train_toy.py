@@ -677,8 +677,9 @@ def newest_checkpoint(root: str) -> tuple[Optional[dict], list[str]]:
         except ValueError:
             skipped.append(f"{step_dir}: its manifest {path} is not valid JSON")
             continue
+        files = {name: os.path.join(step_dir, name) for name in manifest["sha256"]}
         bad = [name for name, digest in manifest["sha256"].items()
-               if not os.path.isfile(os.path.join(step_dir, name)) or file_sha256(os.path.join(step_dir, name)) != digest]
+               if not os.path.isfile(files[name]) or file_sha256(files[name]) != digest]
         if bad:
             skipped.append(f"{step_dir}: {', '.join(os.path.join(step_dir, n) for n in bad)} missing or not matching "
                            f"its sha256 in {path}")
@@ -1409,10 +1410,11 @@ def report_bench(args, topo, cfg, dtype, device, times, every_rank, profiles) ->
         wins = "-" if b is None else b if isinstance(b, str) else f"{b:.3g} Gb/s"
         print(f"{r['moe']:<13} {1e3 * r['median_s']:>9.2f} {1e3 * r['min_s']:>8.2f} {1e3 * r['compute_only_s']:>8.2f} "
               f"{1e3 * (r['median_s'] - r['compute_only_s']):>8.2f} {mb[0]:>7.2f} {mb[1]:>7.2f} {mb[2]:>7.2f} "
-              f"{r['speedup_vs_gshard']:>7.2f}x {1e3 * r['predicted_s']:>8.2f} {r['predicted_speedup_vs_gshard']:>8.2f}x "
-              f"{wins:>11}")
+              f"{r['speedup_vs_gshard']:>7.2f}x {1e3 * r['predicted_s']:>8.2f} "
+              f"{r['predicted_speedup_vs_gshard']:>8.2f}x {wins:>11}")
     g = rows[0]
-    print(f"experts  {1e3 * rows[-1]['median_s']:>9.2f} ms: GShard's layer is {g['median_s'] / rows[-1]['median_s']:.2f}x "
+    gemms = rows[-1]['median_s']
+    print(f"experts  {1e3 * gemms:>9.2f} ms: GShard's layer is {g['median_s'] / gemms:.2f}x "
           f"its expert GEMMs; communication is {100 * (1 - g['compute_only_s'] / g['median_s']):.0f}% of GShard's step")
     print("wins below: the inter-node Gbit/s per node link under which the variant's predicted step beats GShard's")
     if profiles and "kernels" in profiles["gshard"]:
@@ -1609,7 +1611,8 @@ def _flags_processes() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="auto: NCCL on CUDA, gloo on CPU; gloo on CUDA stages collectives through host memory "
                         "(several ranks on one GPU, which NCCL refuses)")
-    g.add_argument("--timeout", type=float, default=300.0, help="seconds before a collective that cannot complete fails")
+    g.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds before a collective that cannot complete fails")
     return p
 
 
@@ -1951,7 +1954,8 @@ def run(args: argparse.Namespace, topo: sc.Topology, device: torch.device) -> No
             results.append(result)
             print0(f"[{variant.name}] BLEU {result['bleu']:.1f}, exact match {result['exact_match']:.2f}, "
                    f"teacher-forced valid loss {result['valid_loss']:.3f} and token accuracy "
-                   f"{result['valid_accuracy']:.3f}; e.g. {result['example']['hyp']!r} for {result['example']['ref']!r}")
+                   f"{result['valid_accuracy']:.3f}; "
+                   f"e.g. {result['example']['hyp']!r} for {result['example']['ref']!r}")
     if topo.rank == 0:
         report(results, args)
 
@@ -1960,7 +1964,8 @@ def task_config(args: argparse.Namespace) -> TaskConfig:
     return TaskConfig(seed=args.seed, languages=args.languages, src_words=args.src_words, train=args.train_pairs)
 
 
-def init_distributed(args: argparse.Namespace, rank: int, world: int, port: Optional[int]) -> tuple[sc.Topology, torch.device]:
+def init_distributed(args: argparse.Namespace, rank: int, world: int,
+                     port: Optional[int]) -> tuple[sc.Topology, torch.device]:
     """Join the process group (gloo on CPU, NCCL on CUDA) and build the topology explicitly."""
     use_cuda = args.device == "cuda" or (args.device == "auto" and port is None and torch.cuda.is_available())
     if use_cuda:
