@@ -2172,6 +2172,20 @@ def test_checkpoints_are_whole_verified_units_and_resume_checks_them_first(tmp_p
     assert (out / "results-0003.json").read_text() == (out / "results.json").read_text()
 
 
+def test_every_train_flag_is_fingerprinted_or_may_differ_on_resume():
+    """A checkpoint resumes only with the settings it was written with: each flag of `train` is in the fingerprint,
+    part of the variant's name, or one that may differ on resume (where and how long the run goes on, and how often
+    it logs, evaluates and saves). A new flag must be placed in one of these."""
+    train = toy.build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {a.dest for a in train._actions if a.option_strings and a.dest != "help"}
+    variant = {"moe", "token_cluster", "cluster_gate", "cluster_assign", "reorder_layers"}
+    ranks = {"nproc", "ranks_per_node", "threads"}  # the fingerprint's "ranks", "--ranks-per-node", "--threads"
+    may_differ = {"steps", "eval_every", "log_every", "ckpt_every", "resume", "resume_or_start", "overwrite", "out",
+                  "compile", "device", "backend", "timeout", "gbps_intra_node", "gbps_inter_node", "fail_at_step",
+                  "nan_at_step"}
+    assert flags == set(toy.FINGERPRINT_FLAGS) | variant | ranks | may_differ
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is pid (from /proc/*/stat)."""
     out = []

@@ -592,11 +592,13 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * min(step / args.warmup, math.sqrt(args.warmup / step))
 
 
-# What a checkpoint can only be resumed with: every flag that changes the task, the model, the data order or
-# the optimizer (not --steps: the learning-rate schedule does not depend on it), besides the variant and the ranks
+# What a checkpoint can only be resumed with: every flag that changes the task, the model, the data order, the
+# optimizer or the evaluations (not --steps: the learning-rate schedule does not depend on it), besides the variant
+# and the ranks
 FINGERPRINT_FLAGS = ("seed", "languages", "src_words", "train_pairs", "batch", "lr", "warmup", "label_smoothing",
                      "dropout", "attention_dropout", "aux_weight", "d_model", "d_ffn", "layers", "experts",
-                     "capacity_factor", "ratio1", "ratio2", "feat_multiple", "feat_hidden")
+                     "capacity_factor", "ratio1", "ratio2", "feat_multiple", "feat_hidden", "batch_prioritized_routing",
+                     "local_no_capacity", "eval_capacity_token_fraction", "decode_clustering", "eval_sentences")
 
 
 def fingerprint(args: argparse.Namespace, variant: Variant, world: int, ranks_per_node: int) -> dict:
