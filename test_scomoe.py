@@ -2105,7 +2105,7 @@ def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
     run_trainer(tmp_path / "b", "train", *args, "--steps", "4")
     [resumed], stdout = run_trainer(tmp_path / "b", "train", *args, "--steps", "8", "--resume")
     assert "resumed from step 4" in stdout
-    assert resumed["losses"] == straight["losses"]
+    assert resumed["losses"] == straight["losses"] and resumed["devices"] == straight["devices"] == [[0, "cpu"]]
     assert [e["step"] for e in straight["evals"]] == [2, 4, 6, 8] and resumed["evals"] == straight["evals"]
     run_trainer(tmp_path / "c", "train", *args, "--steps", "6")  # its newest checkpoint (4) holds step 4's evaluation
     [again], _ = run_trainer(tmp_path / "c", "train", *args, "--steps", "8", "--resume")
@@ -2703,9 +2703,10 @@ def test_clustering_on_cuda(gate):
 @cuda
 def test_a_gpu_checkpoint_resumes_on_the_cpu(tmp_path):
     """A checkpoint written by a GPU run (the ranks as threads, its CUDA random state saved) resumes on a machine
-    without a GPU (here: none visible) and trains on to the end."""
+    without a GPU (here: none visible) and trains on to the end; the result names both stretches' devices."""
     flags = ["--moe", "seq", "--threads", "--ckpt-every", "2"]
     run_trainer(tmp_path, "train", *flags, "--steps", "4", "--device", "cuda")
     [result], stdout = run_trainer(tmp_path, "train", *flags, "--steps", "6", "--device", "cpu", "--resume",
                                    env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert "resumed from step 4" in stdout and result["steps"] == 6 and result["device"] == "cpu"
+    assert "resumed from step 4" in stdout and result["steps"] == 6
+    assert result["devices"] == [[0, "cuda"], [4, "cpu"]]  # where each stretch of the run trained

@@ -505,6 +505,7 @@ class RunState:
     bytes: dict = field(default_factory=lambda: {link: 0 for link in sc.LINK_CLASSES})  # summed over ranks and steps
     evals: list = field(default_factory=list)  # {"step", "bleu", "valid_loss"} every --eval-every steps
     byte_matrix: list = field(default_factory=list)  # [src][dst] bytes of the last step (rank 0's copy)
+    devices: list = field(default_factory=list)  # [first step, device type] of each stretch on one kind of device
 
 
 def print0(*a, **k) -> None:
@@ -813,6 +814,8 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     else:
         state = RunState()
         torch.manual_seed(args.seed * 7919 + topo.rank)  # dropout: different on every rank
+    if not state.devices or state.devices[-1][1] != device.type:  # a checkpoint resumed on another kind of device
+        state.devices.append([state.step, device.type])
 
     def eval_due() -> bool:  # an evaluation every --eval-every steps before the last (which always has one)
         return bool(args.eval_every) and state.step % args.eval_every == 0 and 0 < state.step < args.steps and \
@@ -923,7 +926,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         "step_time_s": statistics.median(warm) if warm else None,
         "compute_s": compute_only_step(args, variant, task, device),
         "bytes_per_step": {link: state.bytes[link] / steps_run for link in sc.LINK_CLASSES},
-        "train_time_s": train_time, "device": device.type, "losses": state.losses, "aux_losses": state.auxes,
+        "train_time_s": train_time, "devices": state.devices, "losses": state.losses, "aux_losses": state.auxes,
     }
 
 
@@ -995,7 +998,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
         r["cluster_step_s"] = predict(r["compute_s"], link_bytes(r["byte_matrix"], G), G, args)
     base = next((r for r in results if r["moe"] == "gshard" and not r["token_cluster"]), results[0])
     threads = results[0]["threads"]
-    where = f"threads of one process on {results[0]['device']}" if threads else "processes"
+    where = f"threads of one process on {results[0]['devices'][-1][1]}" if threads else "processes"
     print(f"\n{W} ranks as {W // G} node(s) x {G}, {where} (this machine, {os.cpu_count()} cores)\n"
           f"step s: measured here; compute s: one rank's step alone, every exchange a local copy (rank 0, its "
           f"share of the batch, fresh weights)"
