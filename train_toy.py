@@ -684,7 +684,7 @@ def newest_checkpoint(root: str) -> tuple[Optional[dict], list[str]]:
         bad = [name for name, digest in manifest["sha256"].items()
                if not os.path.isfile(files[name]) or file_sha256(files[name]) != digest]
         if bad:
-            skipped.append(f"{step_dir}: {', '.join(os.path.join(step_dir, n) for n in bad)} missing or not matching "
+            skipped.append(f"{step_dir}: {', '.join(files[n] for n in bad)} missing or not matching "
                            f"its sha256 in {path}")
             continue
         return {**manifest, "dir": step_dir}, skipped
@@ -814,7 +814,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
     else:
         state = RunState()
         torch.manual_seed(args.seed * 7919 + topo.rank)  # dropout: different on every rank
-    if not state.devices or state.devices[-1][1] != device.type:  # a checkpoint resumed on another kind of device
+    if not state.devices or state.devices[-1][1] != device.type:  # a fresh run, or one resumed on another device
         state.devices.append([state.step, device.type])
 
     def eval_due() -> bool:  # an evaluation every --eval-every steps before the last (which always has one)
