@@ -11,10 +11,12 @@ applied to every token it serves. Comparisons are in float64.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -22,11 +24,9 @@ import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 from typing import NamedTuple
-
-import itertools
 
 import numpy as np
 import pytest
@@ -2538,6 +2538,7 @@ def test_threads_train_the_model_that_4_processes_train(tmp_path, variant):
     assert threads["byte_matrix"] == procs["byte_matrix"] and threads["bytes_per_step"] == procs["bytes_per_step"]
     for a, b in zip(threads["evals"], procs["evals"]):
         assert a["bleu"] == pytest.approx(b["bleu"], abs=1e-6) and a["valid_loss"] == pytest.approx(b["valid_loss"])
+    assert threads["preferred_expert"] == pytest.approx(procs["preferred_expert"])
 
 
 def test_threads_with_dropout_repeat_and_resume_bit_for_bit(tmp_path):
@@ -2574,6 +2575,25 @@ def test_gap_table_compares_seed_means_with_twice_the_pooled_seed_sd():
     assert toy.gap_table(rows)[-1] == "(one seed, not compared: node-limited)"
 
 
+def test_preferred_experts_are_counted_by_the_rank_and_node_of_the_top1_expert():
+    """count_preferred_experts counts, for each real token an MoE layer routes, whether the router's top-1 expert is
+    on the token's rank and whether it is in the token's node; padding is not counted, nor anything once removed."""
+    moe_cfg = sc.MoEConfig(d_model=8, d_ffn=4, num_experts=8)
+    layer = toy.MoEFFN(toy.ModelConfig(vocab=8, d_model=8, moe_cfg=moe_cfg), sc.emulated_topology(4, 2, rank=1))
+    with torch.no_grad():
+        layer.moe.router.weight.copy_(torch.eye(8))  # logits = LN(x): a one-hot token prefers its hot expert
+    top1 = torch.tensor([2, 3, 0, 5, 7, 1])  # rank 1 holds experts 2 and 3; its node (ranks 0, 1) experts 0-3
+    x, pad = torch.eye(8)[top1], torch.tensor([False] * 5 + [True])  # (6, 8)
+    counts = [0, 0, 0]
+    hooks = toy.count_preferred_experts(layer, counts)
+    layer(x, pad)
+    assert counts == [2, 3, 5]  # on the rank: 2, 3; in the node: 2, 3, 0; the padded token (expert 1) not counted
+    for hook in hooks:
+        hook.remove()
+    layer(x, pad)
+    assert counts == [2, 3, 5]
+
+
 def test_sweep_runs_every_point_and_resumes(tmp_path):
     """A tiny sweep trains each (variant, point, seed) once, writes one file per run, the table and the
     per-point means; run again, it skips every finished run and trains only what was added."""
@@ -2589,10 +2609,12 @@ def test_sweep_runs_every_point_and_resumes(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| seq@0.25,0.5 | 0 |" in table and "1: " in table and "2: " in table
     assert "no gaps to GShard" in table  # one seed: no spread to compare with
+    assert re.search(r"\| seq@0\.25,0\.5 \| 0 \|[^\n]* \| \d+% / \d+% \| 1: ", table)  # where tokens would go
     again = run("--variants", "gshard,dense")
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("parameters,") == 1  # only dense was trained
     assert len(list((tmp_path / "runs").iterdir())) == 6
+    assert re.search(r"\| dense \| 0 \|[^\n]* \|  \| 1: ", (tmp_path / "table.md").read_text())  # no experts
 
 
 def _timeout_worker(rank: int, port: int, report, release, out: str) -> None:

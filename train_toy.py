@@ -724,24 +724,43 @@ def sync_shared_gradients(model: nn.Module, experts: set[int]) -> None:
         offset += g.numel()
 
 
+def count_preferred_experts(model: nn.Module, counts: list[int]) -> list:
+    """Hooks on every MoE layer that add to counts, for each real token a layer routes: whether the top-1 expert of
+    the layer's router (over all E experts) is on the rank that holds the token, whether it is in the token's node,
+    and the token. Where tokens would go, whatever the layer then allows; tokens that ignore place prefer their own
+    rank 1/W of the time and their node 1/N. Returns the handles, to remove."""
+    def count(layer: nn.Module, inputs: tuple, output) -> None:
+        x, pad = inputs
+        topo = layer.topology
+        owner = layer.router(x[~pad]).argmax(dim=-1) // layer.n  # (t_real,): the rank of each token's top-1 expert
+        counts[0] += int((owner == topo.rank).sum())
+        counts[1] += int((owner // topo.ranks_per_node == topo.node_rank).sum())
+        counts[2] += owner.numel()
+    return [m.moe.register_forward_hook(count) for m in model.modules() if isinstance(m, MoEFFN)]
+
+
 def evaluate(model: Translator, task: Task, topo: sc.Topology, device: torch.device, limit: int) -> dict:
     """The validation set, split over the ranks (rank r: sentences r, r + W, ...): greedy decoding for corpus BLEU and
-    exact match, and the teacher-forced cross-entropy and token accuracy (no decoding involved); the scores on
+    exact match, the teacher-forced cross-entropy and token accuracy (no decoding involved), and in that pass the
+    share of tokens whose preferred expert is on their rank and in their node (count_preferred_experts); the scores on
     rank 0. With a VirtualWorld this process holds every rank, and each batch is every rank's batch side by side."""
     model.eval()
     valid = task.valid[:limit]
     W = model.world.world_size if model.world else topo.world_size
     held = range(W) if model.world else [topo.rank]
     mine = {r: valid[r::W] for r in held}
-    hyps, ce, correct, count = {r: [] for r in held}, 0.0, 0, 0
+    hyps, ce, correct, count, prefer = {r: [] for r in held}, 0.0, 0, 0, [0, 0, 0]
     for start in range(0, math.ceil(len(valid) / W), 100):  # every rank runs the same number of batches
         parts = {r: mine[r][start:start + 100] for r in held}
         batches = [parts[r] or valid[:1] for r in held]  # a rank with nothing left decodes a dummy
         rows = [len(b) for b in batches] if model.world else None
         src, tgt_in, tgt_out = (t.to(device) for t in collate([pair for b in batches for pair in b]))
+        hooks = count_preferred_experts(model, prefer)
         with torch.no_grad():
             memory, _ = model.encode(src, rows)  # one encoder pass serves the decoding and the teacher-forced loss
             logits, _ = model.decode(tgt_in, memory, src, rows)
+        for hook in hooks:
+            hook.remove()
         out = greedy_decode(model, src, memory, task.max_target_len() + 1, rows).cpu()
         first = 0
         for r, batch in zip(held, batches):
@@ -754,7 +773,7 @@ def evaluate(model: Translator, task: Task, topo: sc.Topology, device: torch.dev
                 count += int(real.sum())
             first += len(batch)
     refs = [[task.itos[t] for t in tgt] for r in held for _, tgt in mine[r]]
-    every = gather_objects(([h for r in held for h in hyps[r]], refs, ce, correct, count))
+    every = gather_objects(([h for r in held for h in hyps[r]], refs, ce, correct, count, prefer))
     model.train()
     for ledger in model.ledgers():
         ledger.reset()  # evaluation traffic does not count in the training bytes
@@ -763,10 +782,12 @@ def evaluate(model: Translator, task: Task, topo: sc.Topology, device: torch.dev
     all_hyps = [h for hs, *_ in every for h in hs]
     all_refs = [r for _, rs, *_ in every for r in rs]
     tokens = sum(e[4] for e in every)
+    on_rank, in_node, routed = (sum(e[5][i] for e in every) for i in range(3))
     return {"bleu": corpus_bleu(all_hyps, all_refs),
             "exact_match": sum(h == r for h, r in zip(all_hyps, all_refs)) / len(all_refs),
             "valid_loss": sum(e[2] for e in every) / tokens, "valid_accuracy": sum(e[3] for e in every) / tokens,
-            "example": {"hyp": " ".join(all_hyps[0]), "ref": " ".join(all_refs[0])}}
+            "example": {"hyp": " ".join(all_hyps[0]), "ref": " ".join(all_refs[0])},
+            "preferred_expert": {"on_rank": on_rank / routed, "in_node": in_node / routed} if routed else None}
 
 
 def decode_ids(task: Task, ids: Tensor) -> list[str]:
@@ -923,6 +944,7 @@ def train_variant(args: argparse.Namespace, variant: Variant, task: Task, topo: 
         "final_loss": statistics.mean(state.losses[-10:]), "bleu": scores["bleu"],
         "exact_match": scores["exact_match"], "valid_loss": scores["valid_loss"],
         "valid_accuracy": scores["valid_accuracy"], "example": scores["example"],
+        "preferred_expert": scores["preferred_expert"],
         "step_time_s": statistics.median(warm) if warm else None,
         "compute_s": compute_only_step(args, variant, task, device),
         "bytes_per_step": {link: state.bytes[link] / steps_run for link in sc.LINK_CLASSES},
@@ -1110,19 +1132,23 @@ def sweep_report(args: argparse.Namespace) -> None:
         bleu, loss = [r["bleu"] for r in rs], [r["valid_loss"] for r in rs]
         steps = sorted({e["step"] for r in rs for e in r["evals"]})
         curve = [statistics.mean(e["bleu"] for r in rs for e in r["evals"] if e["step"] == s) for s in steps]
+        known = sorted((r["seed"], r["preferred_expert"]) for r in rs if r.get("preferred_expert"))  # not in older runs
+        prefer = [f"{statistics.mean(p[k] for _, p in known):.0%}" for k in ("on_rank", "in_node")] if known else []
         rows.append({"variant": name, "family": family(rs[0]), "seeds": sorted(r["seed"] for r in rs),
+                     "prefer": " / ".join(prefer) + (f" (seeds {','.join(str(s) for s, _ in known)})"
+                                                     if prefer and len(known) < len(rs) else ""),
                      "inter_mb": statistics.mean(r["bytes_per_step"]["inter_node"] for r in rs) / 1e6,
                      "bleu": statistics.mean(bleu), "bleu_sd": sd(bleu), "loss": statistics.mean(loss),
                      "loss_sd": sd(loss), "curve": dict(zip(steps, curve))})
     rows.sort(key=lambda r: (SWEEP_VARIANTS.index(r["family"]) if r["family"] in SWEEP_VARIANTS else 99, r["variant"]))
     lines = ["| variant (ratio1, ratio2) | seeds | inter-node MB/step | BLEU mean ± sd | valid loss mean ± sd | "
-             "mean BLEU at steps |", "|---|---|---:|---:|---:|---|"]
+             "preferred expert on rank / in node | mean BLEU at steps |", "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         curve = ", ".join(f"{s}: {b:.1f}" for s, b in r["curve"].items())
         spread = lambda v, f: "" if math.isnan(v) else f" ± {v:{f}}"  # noqa: E731
         lines.append(f"| {r['variant']} | {','.join(map(str, r['seeds']))} | {r['inter_mb']:.2f} | "
                      f"{r['bleu']:.1f}{spread(r['bleu_sd'], '.1f')} | {r['loss']:.3f}{spread(r['loss_sd'], '.3f')} | "
-                     f"{curve} |")
+                     f"{r['prefer']} | {curve} |")
     table = "\n".join(lines + [""] + gap_table(rows))
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
