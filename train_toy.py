@@ -1133,10 +1133,11 @@ def sweep_report(args: argparse.Namespace) -> None:
         steps = sorted({e["step"] for r in rs for e in r["evals"]})
         curve = [statistics.mean(e["bleu"] for r in rs for e in r["evals"] if e["step"] == s) for s in steps]
         known = sorted((r["seed"], r["preferred_expert"]) for r in rs if r.get("preferred_expert"))  # not in older runs
-        prefer = [f"{statistics.mean(p[k] for _, p in known):.0%}" for k in ("on_rank", "in_node")] if known else []
-        rows.append({"variant": name, "family": family(rs[0]), "seeds": sorted(r["seed"] for r in rs),
-                     "prefer": " / ".join(prefer) + (f" (seeds {','.join(str(s) for s, _ in known)})"
-                                                     if prefer and len(known) < len(rs) else ""),
+        prefer = " / ".join(f"{statistics.mean(p[k] for _, p in known):.0%}" for k in ("on_rank", "in_node")) \
+            if known else ""
+        if known and len(known) < len(rs):  # measured for some seeds only: name them
+            prefer += f" (seed{'s' * (len(known) > 1)} {','.join(str(s) for s, _ in known)})"
+        rows.append({"variant": name, "family": family(rs[0]), "seeds": sorted(r["seed"] for r in rs), "prefer": prefer,
                      "inter_mb": statistics.mean(r["bytes_per_step"]["inter_node"] for r in rs) / 1e6,
                      "bleu": statistics.mean(bleu), "bleu_sd": sd(bleu), "loss": statistics.mean(loss),
                      "loss_sd": sd(loss), "curve": dict(zip(steps, curve))})
