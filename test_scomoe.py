@@ -2538,6 +2538,7 @@ def test_threads_train_the_model_that_4_processes_train(tmp_path, variant):
     assert threads["byte_matrix"] == procs["byte_matrix"] and threads["bytes_per_step"] == procs["bytes_per_step"]
     for a, b in zip(threads["evals"], procs["evals"]):
         assert a["bleu"] == pytest.approx(b["bleu"], abs=1e-6) and a["valid_loss"] == pytest.approx(b["valid_loss"])
+    assert procs["preferred_expert"] is not None
     assert threads["preferred_expert"] == pytest.approx(procs["preferred_expert"])
 
 
@@ -2575,23 +2576,22 @@ def test_gap_table_compares_seed_means_with_twice_the_pooled_seed_sd():
     assert toy.gap_table(rows)[-1] == "(one seed, not compared: node-limited)"
 
 
-def test_preferred_experts_are_counted_by_the_rank_and_node_of_the_top1_expert():
-    """count_preferred_experts counts, for each real token an MoE layer routes, whether the router's top-1 expert is
-    on the token's rank and whether it is in the token's node; padding is not counted, nor anything once removed."""
-    moe_cfg = sc.MoEConfig(d_model=8, d_ffn=4, num_experts=8)
-    layer = toy.MoEFFN(toy.ModelConfig(vocab=8, d_model=8, moe_cfg=moe_cfg), sc.emulated_topology(4, 2, rank=1))
+@pytest.mark.parametrize("kind", ["gshard", "seq", "feat", "node-limited"])
+def test_preferred_experts_are_counted_by_the_rank_and_node_of_the_top1_expert(kind):
+    """counting_preferred_experts counts, for each real token an MoE layer routes, whether the router's top-1 expert
+    is on the token's rank and whether it is in the token's node; padding is not counted, nor anything once closed."""
+    moe_cfg = sc.MoEConfig(d_model=24, d_ffn=4, num_experts=24, ratio1=0.25, ratio2=0.25, feat_multiple=1)
+    topo = sc.emulated_topology(8, 2, rank=5)  # n = 3 experts a rank, 4 nodes of 2: local rank 1, node 2
+    layer = toy.MoEFFN(toy.ModelConfig(vocab=8, d_model=24, moe=kind, moe_cfg=moe_cfg), topo)
     with torch.no_grad():
-        layer.moe.router.weight.copy_(torch.eye(8))  # logits = LN(x): a one-hot token prefers its hot expert
-    top1 = torch.tensor([2, 3, 0, 5, 7, 1])  # rank 1 holds experts 2 and 3; its node (ranks 0, 1) experts 0-3
-    x, pad = torch.eye(8)[top1], torch.tensor([False] * 5 + [True])  # (6, 8)
-    counts = [0, 0, 0]
-    hooks = toy.count_preferred_experts(layer, counts)
+        layer.moe.router.weight.copy_(torch.eye(24))  # logits = LN(x): a one-hot token prefers its hot expert
+    top1 = torch.tensor([15, 17, 12, 14, 3, 23, 16])  # rank 5 holds experts 15-17; node 2 (ranks 4, 5) 12-17
+    x, pad = torch.eye(24)[top1], torch.tensor([False] * 6 + [True])  # (7, 24)
+    with toy.counting_preferred_experts(layer, [0, 0, 0]) as counts:
+        layer(x, pad)
+    assert counts == [2, 4, 6]  # on the rank: 15, 17; in the node: 15, 17, 12, 14; the padded token not counted
     layer(x, pad)
-    assert counts == [2, 3, 5]  # on the rank: 2, 3; in the node: 2, 3, 0; the padded token (expert 1) not counted
-    for hook in hooks:
-        hook.remove()
-    layer(x, pad)
-    assert counts == [2, 3, 5]
+    assert counts == [2, 4, 6]
 
 
 def test_sweep_runs_every_point_and_resumes(tmp_path):
@@ -2615,6 +2615,10 @@ def test_sweep_runs_every_point_and_resumes(tmp_path):
     assert again.stdout.count("parameters,") == 1  # only dense was trained
     assert len(list((tmp_path / "runs").iterdir())) == 6
     assert re.search(r"\| dense \| 0 \|[^\n]* \|  \| 1: ", (tmp_path / "table.md").read_text())  # no experts
+    older = json.loads((tmp_path / "runs" / "gshard_seed0.json").read_text())  # a run of a version without the count
+    (tmp_path / "runs" / "gshard_seed1.json").write_text(json.dumps({**older, "seed": 1, "preferred_expert": None}))
+    assert run("--report-only").returncode == 0
+    assert re.search(r"\| gshard \| 0,1 \|[^\n]* \| \d+% / \d+% \(seed 0\) \| 1: ", (tmp_path / "table.md").read_text())
 
 
 def _timeout_worker(rank: int, port: int, report, release, out: str) -> None:

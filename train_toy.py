@@ -21,6 +21,7 @@ ranks. Rank 0 prints one line every few steps and writes its results under --out
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import itertools
@@ -724,26 +725,33 @@ def sync_shared_gradients(model: nn.Module, experts: set[int]) -> None:
         offset += g.numel()
 
 
-def count_preferred_experts(model: nn.Module, counts: list[int]) -> list:
-    """Hooks on every MoE layer that add to counts, for each real token a layer routes: whether the top-1 expert of
-    the layer's router (over all E experts) is on the rank that holds the token, whether it is in the token's node,
-    and the token. Where tokens would go, whatever the layer then allows; tokens that ignore place prefer their own
-    rank 1/W of the time and their node 1/N. Returns the handles, to remove."""
+@contextlib.contextmanager
+def counting_preferred_experts(model: nn.Module, counts: list[int]):
+    """While open, every MoE layer adds to counts = [on the rank, in the node, tokens], once per real token it routes:
+    whether the top-1 expert of its router (over all E experts) is on the rank that holds the token (after
+    clustering, the rank the token moved to) and whether it is in that rank's node. Where tokens would go, whatever
+    the layer then allows; tokens that ignore place score 1/W and 1/N."""
     def count(layer: nn.Module, inputs: tuple, output) -> None:
-        x, pad = inputs
+        x, pad = inputs  # MoEFFN calls the layer as moe(x, pad)
         topo = layer.topology
         owner = layer.router(x[~pad]).argmax(dim=-1) // layer.n  # (t_real,): the rank of each token's top-1 expert
         counts[0] += int((owner == topo.rank).sum())
         counts[1] += int((owner // topo.ranks_per_node == topo.node_rank).sum())
         counts[2] += owner.numel()
-    return [m.moe.register_forward_hook(count) for m in model.modules() if isinstance(m, MoEFFN)]
+    hooks = [m.moe.register_forward_hook(count) for m in model.modules() if isinstance(m, MoEFFN)]
+    try:
+        yield counts
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def evaluate(model: Translator, task: Task, topo: sc.Topology, device: torch.device, limit: int) -> dict:
     """The validation set, split over the ranks (rank r: sentences r, r + W, ...): greedy decoding for corpus BLEU and
     exact match, the teacher-forced cross-entropy and token accuracy (no decoding involved), and in that pass the
-    share of tokens whose preferred expert is on their rank and in their node (count_preferred_experts); the scores on
-    rank 0. With a VirtualWorld this process holds every rank, and each batch is every rank's batch side by side."""
+    share of tokens whose preferred expert is on their rank and in their node (counting_preferred_experts, over the
+    batches where no rank decodes a dummy); the scores on rank 0. With a VirtualWorld this process holds every rank,
+    and each batch is every rank's batch side by side."""
     model.eval()
     valid = task.valid[:limit]
     W = model.world.world_size if model.world else topo.world_size
@@ -755,12 +763,10 @@ def evaluate(model: Translator, task: Task, topo: sc.Topology, device: torch.dev
         batches = [parts[r] or valid[:1] for r in held]  # a rank with nothing left decodes a dummy
         rows = [len(b) for b in batches] if model.world else None
         src, tgt_in, tgt_out = (t.to(device) for t in collate([pair for b in batches for pair in b]))
-        hooks = count_preferred_experts(model, prefer)
-        with torch.no_grad():
+        dummy = any(not valid[r::W][start:start + 100] for r in range(W))  # the same on every rank
+        with torch.no_grad(), counting_preferred_experts(model, prefer if not dummy else [0, 0, 0]):
             memory, _ = model.encode(src, rows)  # one encoder pass serves the decoding and the teacher-forced loss
             logits, _ = model.decode(tgt_in, memory, src, rows)
-        for hook in hooks:
-            hook.remove()
         out = greedy_decode(model, src, memory, task.max_target_len() + 1, rows).cpu()
         first = 0
         for r, batch in zip(held, batches):
@@ -1132,7 +1138,9 @@ def sweep_report(args: argparse.Namespace) -> None:
         bleu, loss = [r["bleu"] for r in rs], [r["valid_loss"] for r in rs]
         steps = sorted({e["step"] for r in rs for e in r["evals"]})
         curve = [statistics.mean(e["bleu"] for r in rs for e in r["evals"] if e["step"] == s) for s in steps]
-        known = sorted((r["seed"], r["preferred_expert"]) for r in rs if r.get("preferred_expert"))  # not in older runs
+        # where tokens would go, over the seeds whose runs recorded it (runs of older versions did not)
+        known = sorted([(r["seed"], r["preferred_expert"]) for r in rs if r.get("preferred_expert")],
+                       key=lambda k: k[0])
         prefer = " / ".join(f"{statistics.mean(p[k] for _, p in known):.0%}" for k in ("on_rank", "in_node")) \
             if known else ""
         if known and len(known) < len(rs):  # measured for some seeds only: name them
